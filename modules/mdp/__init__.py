@@ -1,0 +1,1 @@
+from modules.mdp.mdp import *  # noqa: F401,F403
