@@ -261,6 +261,11 @@ class Kernel:
         return inspect.signature(self.fn)
 
     @property
+    def call(self) -> str:
+        """``name(a: torch.Tensor, ...) -> torch.Tensor`` without the quotes postponed annotations add."""
+        return f"{self.name}{self.signature}".replace("'", "")
+
+    @property
     def doc(self) -> str:
         return inspect.getdoc(self.fn) or ""
 

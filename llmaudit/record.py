@@ -139,7 +139,7 @@ class RunRecord:
 
     @property
     def stem(self) -> str:
-        stamp = self.created.replace("-", "").replace(":", "").replace("+0000", "")[:15] or "undated"
+        stamp = self.created.replace("-", "").replace(":", "").replace("+0000", "")[:19] or "undated"
         return f"{stamp}-{self.mode}-s{self.seeds[0] if self.seeds else 0}"
 
     def scalars(self) -> dict[str, list[Measured]]:

@@ -1,0 +1,161 @@
+"""Render run records to ``report.md`` (PNG plots beside it) and self-contained ``report.html``,
+plus the index over the latest run of every module and the smoke summary page.
+
+Layout under a reports folder (default ``reports/``)::
+
+    runs/<module>/<stem>.json            the run record (written by the runner's caller)
+    runs/<module>/<stem>/report.md       + plot-*.png, formula-*.svg beside it
+    runs/<module>/<stem>/report.html     images inline (base64 PNG, inline SVG): no network
+    index.html                           latest run per module, with pass/fail badges
+    smoke/index.{md,html}                the last `llmaudit smoke`
+"""
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+
+from llmaudit.audit import format_measured
+from llmaudit.record import RunRecord, atomic_write, latest_records
+from llmaudit.report.formulas import formula_svg
+from llmaudit.report.plots import group_series, plot_png, slug
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("llmaudit", "report/templates"),
+                             autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters["mdcell"] = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
+    env.filters["fmt"] = format_measured
+    return env
+
+
+@dataclass
+class Plot:
+    title: str
+    file: str
+    png: bytes
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+def run_dir(reports: Path, record: RunRecord) -> Path:
+    return Path(reports) / "runs" / record.module / record.stem
+
+
+def _scalars(record: RunRecord) -> list[tuple[str, str]]:
+    rows = []
+    for name, values in record.scalars().items():
+        texts = [format_measured(v) for v in values]
+        rows.append((name, texts[0] if len(set(texts)) == 1 else " / ".join(texts)))
+    return rows
+
+
+def _plots(record: RunRecord) -> list[Plot]:
+    """Plots of the first seed's series (every seed records the same metrics)."""
+    if not record.results:
+        return []
+    plots = []
+    for key, members in group_series(record.results[0].series).items():
+        plots.append(Plot(title=key, file=f"plot-{slug(key)}.png", png=plot_png(key, members)))
+    return plots
+
+
+def _context(record: RunRecord) -> dict[str, Any]:
+    created = record.created[:16].replace("T", " ") + " UTC" if record.created else "undated"
+    seeds = []
+    per_seed = record.timing.get("per_seed_s", [])
+    for i, r in enumerate(record.results):
+        seeds.append({"seed": r.seed, "passed": r.passed, "error": r.error,
+                      "n_passed": sum(c.passed for c in r.checks), "n": len(r.checks),
+                      "seconds": per_seed[i] if i < len(per_seed) else None})
+    config = [(k, format_measured(v) if isinstance(v, (int, float, bool)) else str(v), k in record.overrides)
+              for k, v in record.config.items()]
+    user_kernels = {k: v for k, v in record.kernels.items() if v != "reference"}
+    return {"r": record, "created": created, "checks": record.checks, "scalars": _scalars(record),
+            "seeds": seeds, "config": config, "user_kernels": user_kernels,
+            "n_checks": len(record.checks), "n_passed": record.n_passed}
+
+
+def render_run(record: RunRecord, reports: Path) -> tuple[Path, Path]:
+    """Write ``report.md`` (+ PNG/SVG files beside it) and ``report.html`` for one run record."""
+    out = run_dir(reports, record)
+    plots = _plots(record)
+    formulas = []
+    for i, (label, tex) in enumerate(record.formulas, 1):
+        svg = formula_svg(tex)
+        formulas.append({"label": label, "tex": tex, "svg": svg, "file": f"formula-{i}.svg"})
+        atomic_write(out / f"formula-{i}.svg", svg)
+    for p in plots:
+        atomic_write(out / p.file, p.png)
+    ctx = _context(record) | {"plots": plots, "formulas": formulas}
+    env = _env()
+    md = atomic_write(out / "report.md", env.get_template("run.md.j2").render(**ctx))
+    html = atomic_write(out / "report.html", env.get_template("run.html.j2").render(**ctx))
+    return md, html
+
+
+def save_and_render(record: RunRecord, reports: Path) -> dict[str, Path]:
+    """Save the run record under ``reports/runs`` and render its pages; the paths written."""
+    json_path = record.save(Path(reports) / "runs")
+    md, html = render_run(record, reports)
+    return {"record": json_path, "markdown": md, "html": html}
+
+
+@dataclass
+class IndexRow:
+    name: str
+    day: int | None
+    title: str
+    record: RunRecord | None
+    href: str | None
+
+
+def render_index(reports: Path, modules: Iterable[tuple[str, int | None, str]] = ()) -> tuple[Path, list[str]]:
+    """``reports/index.html`` over the latest run of every module (modules never run are listed too).
+
+    Returns the path and one warning per unreadable record. Missing per-run pages are rendered.
+    """
+    reports = Path(reports)
+    latest, warnings = latest_records(reports / "runs")
+    known = {name: (day, title) for name, day, title in modules}
+    for name, (_, rec) in latest.items():
+        known.setdefault(name, (rec.day, rec.title))
+    rows = []
+    for name, (day, title) in sorted(known.items(), key=lambda kv: (kv[1][0] if kv[1][0] is not None else 99, kv[0])):
+        rec = latest.get(name, (None, None))[1]
+        href = None
+        if rec is not None:
+            page = run_dir(reports, rec) / "report.html"
+            if not page.exists():
+                render_run(rec, reports)
+            href = os.path.relpath(page, reports)
+        rows.append(IndexRow(name, day, title, rec, href))
+    html = _env().get_template("index.html.j2").render(rows=rows, warnings=warnings,
+                                                       n_run=sum(r.record is not None for r in rows),
+                                                       n_pass=sum(bool(r.record and r.record.passed) for r in rows))
+    return atomic_write(reports / "index.html", html), warnings
+
+
+def render_smoke(records: list[RunRecord], reports: Path, wall_s: float) -> tuple[Path, Path]:
+    """``reports/smoke/index.md`` and ``index.html``: one row per module of the last smoke run."""
+    out = Path(reports) / "smoke"
+    rows = []
+    for rec in records:
+        page = run_dir(reports, rec) / "report"
+        rows.append({"r": rec, "md": os.path.relpath(str(page) + ".md", out),
+                     "html": os.path.relpath(str(page) + ".html", out),
+                     "failed": [c for c in rec.checks if not c.passed], "errors": rec.errors})
+    ctx = {"rows": rows, "wall_s": wall_s, "ok": all(r.passed for r in records),
+           "n_pass": sum(r.passed for r in records), "n": len(records),
+           "created": records[0].created[:16].replace("T", " ") + " UTC" if records else ""}
+    env = _env()
+    md = atomic_write(out / "index.md", env.get_template("smoke.md.j2").render(**ctx))
+    html = atomic_write(out / "index.html", env.get_template("smoke.html.j2").render(**ctx))
+    return md, html
