@@ -1,0 +1,45 @@
+"""The ``llmaudit`` command line: one typer app composed from one file per command group."""
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from llmaudit import __version__
+from llmaudit.cli import doctor, practice, run
+
+HELP = """llmaudit: an interview-prep lab for LLM / RLHF engineers. Every topic is a small PyTorch module
+that really learns a toy task, plus an audit of named invariants that fail when the code is wrong.
+
+Start with: llmaudit list · llmaudit smoke · llmaudit audit gae · llmaudit practice compute_gae
+
+Exit codes: 0 ok · 1 a check failed · 2 usage error · 3 environment problem · 130 interrupted.
+"""
+
+app = typer.Typer(name="llmaudit", help=HELP, no_args_is_help=True, rich_markup_mode="rich",
+                  add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
+                  pretty_exceptions_enable=False)
+for group in (run, practice, doctor):
+    for command in group.app.registered_commands:
+        app.registered_commands.append(command)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"llmaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback,
+                                                          is_eager=True, help="Show the version.")] = None) -> None:
+    pass
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,89 @@
+"""What every command shares: consoles (built per invocation), the JSON envelope, exit codes, errors.
+
+stdout carries results (tables or exactly one JSON document with ``--json``); stderr carries progress,
+hints, warnings and errors. Exit codes: 0 ok, 1 a check failed, 2 usage error, 3 environment problem,
+130 interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Iterator
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from llmaudit.config import ConfigError
+from llmaudit.record import RecordError
+from llmaudit.registry import UnknownName
+
+OK, FAILED, USAGE, ENVIRONMENT, INTERRUPTED = 0, 1, 2, 3, 130
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document to stdout.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Reports folder (run records, pages, plots).",
+                                      show_default=True)]
+DEFAULT_OUT = Path("reports")
+
+
+def out() -> Console:
+    """The stdout console, built per call so it sees the current sys.stdout (CliRunner swaps it)."""
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+
+
+def err() -> Console:
+    return Console(file=sys.stderr, highlight=False)
+
+
+def emit_json(schema: str, payload: dict[str, Any]) -> None:
+    """The one JSON document of a ``--json`` invocation, tagged with a versioned schema name."""
+    sys.stdout.write(json.dumps({"schema": schema, **payload}, ensure_ascii=False, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+class UsageError(Exception):
+    """Bad input from the user (exit 2); the message says what was wrong and what would be right."""
+
+
+class EnvironmentProblem(Exception):
+    """Something missing from the machine (exit 3); the message carries the fix command."""
+
+
+@contextlib.contextmanager
+def errors(json_mode: bool = False) -> Iterator[None]:
+    """Turn the engine's known exceptions into one-paragraph messages and exit codes, never tracebacks."""
+    code, message = None, ""
+    try:
+        yield
+    except KeyboardInterrupt:
+        code, message = INTERRUPTED, "interrupted"
+    except (UnknownName, ConfigError, UsageError) as exc:
+        code, message = USAGE, str(exc)
+    except (EnvironmentProblem, RecordError) as exc:
+        code, message = ENVIRONMENT, str(exc)
+    if code is not None:
+        if json_mode:
+            emit_json("llmaudit.error/v1", {"ok": False, "exit_code": code, "error": message})
+        err().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        raise typer.Exit(code)
+
+
+def progress_bar(json_mode: bool) -> Progress:
+    """A transient progress bar on stderr, off for --json and when stderr is not a terminal."""
+    console = err()
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True, redirect_stdout=False,
+                    redirect_stderr=False, disable=json_mode or not console.is_terminal)
+
+
+def say(bar: Progress, text: str) -> None:
+    """A result line on stdout; above the live bar when both streams are the same terminal."""
+    console = out()
+    (bar.console if not bar.disable and console.is_terminal else console).print(text)
+
+
+def mark(passed: bool) -> str:
+    return "[green]✓[/]" if passed else "[bold red]✗[/]"

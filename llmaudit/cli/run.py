@@ -1,0 +1,227 @@
+"""list, smoke, audit, report: run audits and render what they recorded."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from llmaudit.cli.common import (DEFAULT_OUT, FAILED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark, out,
+                                 progress_bar, say)
+from llmaudit.config import parse_assignments
+from llmaudit.record import RunRecord, find_records, latest_records
+from llmaudit.registry import all_audits, get_audit
+from llmaudit.runner import resolve_seeds, run_audit
+
+app = typer.Typer()
+
+
+def _module_rows() -> list[tuple[str, int | None, str]]:
+    return [(s.name, s.day, s.title) for s in all_audits()]
+
+
+@app.command("list")
+def list_modules(out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> None:
+    """Every module in roadmap order: day, name, title, kernels you can hand-write, latest result.
+
+    Example: llmaudit list
+    """
+    with errors(json_mode):
+        specs = all_audits()
+        latest, warnings = latest_records(out_dir / "runs")
+    for w in warnings:
+        err().print(f"[yellow]warning:[/] skipped {w}")
+    rows = []
+    for s in specs:
+        rec = latest.get(s.name, (None, None))[1]
+        rows.append({"name": s.name, "day": s.day, "title": s.title, "kernels": [k.name for k in s.kernels],
+                     "latest": None if rec is None else {"passed": rec.passed, "checks": len(rec.checks),
+                                                         "checks_passed": rec.n_passed, "mode": rec.mode,
+                                                         "created": rec.created}})
+    if json_mode:
+        emit_json("llmaudit.list/v1", {"modules": rows})
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("day", "module", "title", "kernels", "latest"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        latest_txt = "[dim]not run[/]"
+        if r["latest"]:
+            lt = r["latest"]
+            latest_txt = f"{mark(lt['passed'])} {lt['checks_passed']}/{lt['checks']} {lt['mode']} {lt['created'][:10]}"
+        table.add_row(str(r["day"] or ""), r["name"], r["title"], ", ".join(r["kernels"]), latest_txt)
+    out().print(table)
+
+
+def _render_all(records: list[RunRecord], out_dir: Path) -> dict[str, dict[str, Path]]:
+    from llmaudit.report.render import render_index, save_and_render
+
+    paths = {rec.module: save_and_render(rec, out_dir) for rec in records}
+    render_index(out_dir, _module_rows())
+    return paths
+
+
+@app.command()
+def smoke(
+    module: Annotated[Optional[list[str]], typer.Option("--module", "-m", help="Only these modules (repeatable).")] = None,
+    out_dir: OutOpt = DEFAULT_OUT,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Run every module's audit in toy mode (one seed, seconds each) and write reports/smoke/index.{md,html}.
+
+    Exits 1 if any check fails.
+
+    Examples: llmaudit smoke  ·  llmaudit smoke -m gae -m td --json
+    """
+    start = time.perf_counter()
+    with errors(json_mode):
+        specs = [get_audit(m) for m in module] if module else all_audits()
+        records: list[RunRecord] = []
+        with progress_bar(json_mode) as bar:
+            task = bar.add_task("smoke", total=len(specs))
+            for i, spec in enumerate(specs):
+                bar.update(task, description=spec.name)
+                rec = run_audit(spec, mode="toy",
+                                progress=lambda f, i=i: bar.update(task, completed=i + f))
+                records.append(rec)
+                if not json_mode:
+                    line = (f"{mark(rec.passed)} [bold]{spec.name:<12}[/] {rec.n_passed:>2}/{len(rec.checks):<2} checks"
+                            f"  {rec.elapsed_s:5.2f} s  [dim]{spec.title}[/]")
+                    for c in rec.checks:
+                        if not c.passed:
+                            line += f"\n    [red]✗ {c.name}[/]: measured {escape(c.measured_text)}, expected {escape(c.expected)}"
+                    for seed, e in rec.errors:
+                        line += f"\n    [red]error (seed {seed}):[/] {escape(e)}"
+                    say(bar, line)
+        from llmaudit.report.render import render_smoke
+
+        paths = _render_all(records, out_dir)
+        wall = time.perf_counter() - start
+        smoke_md, smoke_html = render_smoke(records, out_dir, wall)
+    ok = all(r.passed for r in records)
+    if json_mode:
+        emit_json("llmaudit.smoke/v1", {
+            "ok": ok, "wall_s": round(wall, 3), "report": {"markdown": str(smoke_md), "html": str(smoke_html)},
+            "modules": [{"module": r.module, "passed": r.passed, "checks": len(r.checks),
+                         "checks_passed": r.n_passed, "elapsed_s": r.elapsed_s, "errors": [e for _, e in r.errors],
+                         "failed": [c.name for c in r.checks if not c.passed],
+                         "record": str(paths[r.module]["record"]), "html": str(paths[r.module]["html"])}
+                        for r in records]})
+    else:
+        n_pass = sum(r.passed for r in records)
+        colour = "green" if ok else "red"
+        out().print(f"[bold {colour}]{n_pass}/{len(records)} modules pass[/] in {wall:.1f} s"
+                    f" · report: {smoke_md}  ({smoke_html})")
+    raise typer.Exit(OK if ok else FAILED)
+
+
+def print_record(rec: RunRecord, explain: bool = False) -> None:
+    """The checks table and headline scalars of a run (shared by ``audit`` and ``check``)."""
+    console = out()
+    table = Table(box=None, pad_edge=False, header_style="bold", show_lines=False)
+    table.add_column("")
+    table.add_column("check", no_wrap=True)
+    table.add_column("measured", overflow="fold", max_width=40)
+    table.add_column("expected", overflow="fold", max_width=28)
+    table.add_column("why", overflow="fold", ratio=1)
+    for c in rec.checks:
+        table.add_row(mark(c.passed), c.name, escape(c.measured_text), escape(c.expected), f"[dim]{escape(c.why)}[/]")
+    console.print(table)
+    scalars = rec.scalars()
+    if scalars:
+        from llmaudit.audit import format_measured
+
+        parts = []
+        for k, vs in scalars.items():
+            texts = [format_measured(v) for v in vs]
+            parts.append(f"{k} = {texts[0] if len(set(texts)) == 1 else ' / '.join(texts)}")
+        console.print("[bold]headline:[/] " + escape(" · ".join(parts)))
+    for seed, e in rec.errors:
+        console.print(f"[bold red]seed {seed} stopped early:[/] {escape(e)}")
+    if explain:
+        for c in rec.checks:
+            if not c.passed:
+                seeds = f" on seed {', '.join(map(str, c.failed_seeds))}" if len(rec.seeds) > 1 else ""
+                console.print(f"\n[bold red]✗ {c.name}[/]{seeds}: measured [bold]{escape(c.measured_text)}[/], "
+                              f"expected {escape(c.expected)}.\n  why it matters: {escape(c.why)}"
+                              + (f"\n  hint: {escape(c.hint)}" if c.hint else ""))
+
+
+def record_payload(rec: RunRecord) -> dict:
+    return {"ok": rec.passed, "module": rec.module, "mode": rec.mode, "seeds": rec.seeds,
+            "checks": [c.to_dict() for c in rec.checks], "scalars": rec.scalars(),
+            "errors": [{"seed": s, "error": e} for s, e in rec.errors], "elapsed_s": rec.elapsed_s}
+
+
+@app.command()
+def audit(
+    module: Annotated[str, typer.Argument(help="Module name, e.g. gae (see `llmaudit list`).")],
+    full: Annotated[bool, typer.Option("--full/--toy", help="full: more steps, several seeds; toy: one seed, seconds.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: 3 full, 1 toy).")] = None,
+    assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: key=value (repeatable).")] = None,
+    out_dir: OutOpt = DEFAULT_OUT,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Run one module's audit, print its checks and headline numbers, and write report.md / report.html.
+
+    Exits 1 if any check fails on any seed.
+
+    Examples: llmaudit audit gae  ·  llmaudit audit td --toy --seed 3  ·  llmaudit audit mdp --set gamma=0.9 --json
+    """
+    mode = "full" if full else "toy"
+    with errors(json_mode):
+        spec = get_audit(module)
+        overrides = parse_assignments(assignments or [])
+        seed_list = resolve_seeds(mode, seed, seeds)
+        with progress_bar(json_mode) as bar:
+            task = bar.add_task(f"{spec.name} ({mode}, {len(seed_list)} seed{'s' * (len(seed_list) > 1)})", total=1.0)
+            rec = run_audit(spec, mode=mode, seeds=seed_list, overrides=overrides,
+                            progress=lambda f: bar.update(task, completed=f))
+        paths = _render_all([rec], out_dir)[spec.name]
+    if json_mode:
+        emit_json("llmaudit.audit/v1", record_payload(rec) | {"files": {k: str(v) for k, v in paths.items()}})
+    else:
+        out().print(f"[bold]{spec.title}[/] · {spec.name} · {mode} · seeds {', '.join(map(str, rec.seeds))}"
+                    f" · {rec.elapsed_s:.1f} s")
+        print_record(rec)
+        colour = "green" if rec.passed else "red"
+        out().print(f"[bold {colour}]{rec.n_passed}/{len(rec.checks)} checks pass[/] · report: {paths['markdown']}"
+                    f"  ({paths['html']})")
+    raise typer.Exit(OK if rec.passed else FAILED)
+
+
+@app.command()
+def report(out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> None:
+    """Rebuild every run's report.md / report.html and reports/index.html from the saved run records.
+
+    Nothing is re-run. Unreadable records are skipped with a warning.
+
+    Example: llmaudit report --out reports
+    """
+    from llmaudit.record import RecordError
+    from llmaudit.report.render import render_index, render_run
+
+    with errors(json_mode):
+        paths = find_records(out_dir / "runs")
+        pages, warnings = [], []
+        with progress_bar(json_mode) as bar:
+            for path in bar.track(paths, description="rendering"):
+                try:
+                    rec = RunRecord.load(path)
+                except RecordError as exc:
+                    warnings.append(str(exc))
+                    continue
+                pages.append(str(render_run(rec, out_dir)[1]))
+        index, _ = render_index(out_dir, _module_rows())
+    for w in warnings:
+        err().print(f"[yellow]warning:[/] skipped {w}")
+    if json_mode:
+        emit_json("llmaudit.report/v1", {"ok": True, "index": str(index), "pages": pages, "warnings": warnings})
+    else:
+        out().print(f"rendered {len(pages)} run page{'s' * (len(pages) != 1)} · index: {index}")
+        if not paths:
+            err().print("[dim]no run records yet: run `llmaudit audit <module>` or `llmaudit smoke` first[/]")
