@@ -1,0 +1,68 @@
+"""Reports: Markdown with PNGs beside it, self-contained HTML, the index, EMA smoothing."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmaudit.report.plots import ema
+from llmaudit.report.render import render_index, render_smoke, save_and_render
+from llmaudit.runner import run_audit
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    reports = tmp_path_factory.mktemp("reports")
+    rec = run_audit("mdp", mode="toy", seeds=[0, 1])
+    return reports, rec, save_and_render(rec, reports)
+
+
+def test_markdown_images_exist_beside_it(rendered):
+    _, rec, paths = rendered
+    md = paths["markdown"].read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert any(i.endswith(".png") for i in images) and any(i.endswith(".svg") for i in images)
+    for image in images:
+        assert (paths["markdown"].parent / image).is_file(), image
+    for c in rec.checks:
+        assert f"`{c.name}`" in md
+    assert "vi/sup_norm_change_log10" in md
+
+
+def test_html_is_self_contained_with_inline_plots(rendered):
+    _, rec, paths = rendered
+    html = paths["html"].read_text()
+    n_plots = len({s.plot_key for s in rec.results[0].series.values()})
+    assert html.count('src="data:image/png;base64,') == n_plots
+    assert html.count("<svg") >= len(rec.formulas)
+    assert not re.search(r'(src|href)="https?://', html)  # no network
+    assert "PASS" in html and "seeds 0, 1" in html
+
+
+def test_index_and_smoke_pages(rendered):
+    reports, rec, paths = rendered
+    index, warnings = render_index(reports, [("mdp", 1, "MDP"), ("later", 9, "Not yet")])
+    html = index.read_text()
+    assert "not run" in html and 'href="runs/mdp/' in html and warnings == []
+    md, page = render_smoke([rec], reports, 1.5)
+    link = re.search(r"\[html\]\(([^)]+)\)", md.read_text()).group(1)
+    assert (md.parent / link).resolve() == paths["html"].resolve()
+
+
+def test_failed_checks_show_hints(tmp_path):
+    mean_backup = lambda P, R, gamma, V: (R + gamma * P @ V).mean(-1)  # noqa: E731
+    rec = run_audit("mdp", mode="toy", kernels={"bellman_optimality_backup": mean_backup},
+                    kernel_sources={"bellman_optimality_backup": "my_file.py"})
+    html = save_and_render(rec, tmp_path)["html"].read_text()
+    assert "FAIL" in html and "hint:" in html and "my_file.py" in html
+
+
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=50), st.floats(0.0, 0.99))
+def test_ema_stays_within_the_range_of_the_data(values, weight):
+    smoothed = ema(values, weight)
+    assert len(smoothed) == len(values)
+    assert all(min(values) - 1e-6 <= v <= max(values) + 1e-6 for v in smoothed)
+    assert ema([3.0] * len(values), weight) == pytest.approx([3.0] * len(values))
