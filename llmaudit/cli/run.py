@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
 
 from llmaudit.cli.common import (DEFAULT_OUT, FAILED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark, out,
@@ -121,15 +122,21 @@ def smoke(
 def print_record(rec: RunRecord, explain: bool = False) -> None:
     """The checks table and headline scalars of a run (shared by ``audit`` and ``check``)."""
     console = out()
-    table = Table(box=None, pad_edge=False, header_style="bold", show_lines=False)
-    table.add_column("")
-    table.add_column("check", no_wrap=True)
-    table.add_column("measured", overflow="fold", max_width=40)
-    table.add_column("expected", overflow="fold", max_width=28)
-    table.add_column("why", overflow="fold", ratio=1)
-    for c in rec.checks:
-        table.add_row(mark(c.passed), c.name, escape(c.measured_text), escape(c.expected), f"[dim]{escape(c.why)}[/]")
-    console.print(table)
+    if console.width >= 150:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("")
+        table.add_column("check", no_wrap=True)
+        table.add_column("measured", overflow="fold", max_width=44)
+        table.add_column("expected", overflow="fold", max_width=30)
+        table.add_column("why", overflow="fold", ratio=1)
+        for c in rec.checks:
+            table.add_row(mark(c.passed), c.name, escape(c.measured_text), escape(c.expected), f"[dim]{escape(c.why)}[/]")
+        console.print(table)
+    else:  # narrow terminals: one block per check instead of a table squeezed into columns
+        for c in rec.checks:
+            console.print(f"{mark(c.passed)} [bold]{c.name}[/]  [dim]({c.kind})[/]")
+            console.print(Padding(f"measured {escape(c.measured_text)}  ·  expected {escape(c.expected)}\n"
+                                  f"[dim]{escape(c.why)}[/]", (0, 0, 0, 4), expand=False))
     scalars = rec.scalars()
     if scalars:
         from llmaudit.audit import format_measured

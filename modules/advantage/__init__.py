@@ -1,0 +1,1 @@
+from modules.advantage.advantage import *  # noqa: F401,F403
