@@ -1,0 +1,1 @@
+from modules.gae.gae import *  # noqa: F401,F403
