@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import jinja2
+import markupsafe
 
 from llmaudit.audit import format_measured
 from llmaudit.record import RunRecord, atomic_write, latest_records
@@ -31,6 +32,8 @@ def _env() -> jinja2.Environment:
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     env.filters["mdcell"] = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
     env.filters["fmt"] = format_measured
+    env.filters["zip"] = lambda a, b: list(zip(a, b))
+    env.filters["wbr"] = lambda name: markupsafe.Markup("_<wbr>".join(markupsafe.escape(p) for p in str(name).split("_")))
     return env
 
 
