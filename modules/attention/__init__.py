@@ -1,0 +1,1 @@
+from modules.attention.attention import *  # noqa: F401,F403
