@@ -1,0 +1,1 @@
+from modules.td.td import *  # noqa: F401,F403
