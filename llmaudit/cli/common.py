@@ -82,7 +82,7 @@ def progress_bar(json_mode: bool) -> Progress:
 def say(bar: Progress, text: str) -> None:
     """A result line on stdout; above the live bar when both streams are the same terminal."""
     console = out()
-    (bar.console if not bar.disable and console.is_terminal else console).print(text)
+    (bar.console if not bar.disable and console.is_terminal else console).print(text, soft_wrap=True)
 
 
 def mark(passed: bool) -> str:

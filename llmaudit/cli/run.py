@@ -115,7 +115,7 @@ def smoke(
         n_pass = sum(r.passed for r in records)
         colour = "green" if ok else "red"
         out().print(f"[bold {colour}]{n_pass}/{len(records)} modules pass[/] in {wall:.1f} s"
-                    f" · report: {smoke_md}  ({smoke_html})")
+                    f" · report: {smoke_md}  ({smoke_html})", soft_wrap=True)
     raise typer.Exit(OK if ok else FAILED)
 
 
@@ -135,8 +135,9 @@ def print_record(rec: RunRecord, explain: bool = False) -> None:
     else:  # narrow terminals: one block per check instead of a table squeezed into columns
         for c in rec.checks:
             console.print(f"{mark(c.passed)} [bold]{c.name}[/]  [dim]({c.kind})[/]")
-            console.print(Padding(f"measured {escape(c.measured_text)}  ·  expected {escape(c.expected)}\n"
-                                  f"[dim]{escape(c.why)}[/]", (0, 0, 0, 4), expand=False))
+            why = "" if explain else f"\n[dim]{escape(c.why)}[/]"  # `check` explains the failures below
+            console.print(Padding(f"measured {escape(c.measured_text)}  ·  expected {escape(c.expected)}{why}",
+                                  (0, 0, 0, 4), expand=False))
     scalars = rec.scalars()
     if scalars:
         from llmaudit.audit import format_measured
@@ -152,9 +153,11 @@ def print_record(rec: RunRecord, explain: bool = False) -> None:
         for c in rec.checks:
             if not c.passed:
                 seeds = f" on seed {', '.join(map(str, c.failed_seeds))}" if len(rec.seeds) > 1 else ""
-                console.print(f"\n[bold red]✗ {c.name}[/]{seeds}: measured [bold]{escape(c.measured_text)}[/], "
-                              f"expected {escape(c.expected)}.\n  why it matters: {escape(c.why)}"
-                              + (f"\n  hint: {escape(c.hint)}" if c.hint else ""))
+                console.print(f"\n[bold red]✗ {c.name}[/]{seeds}")
+                console.print(Padding(f"measured [bold]{escape(c.measured_text)}[/], expected {escape(c.expected)}.\n"
+                                      f"why it matters: {escape(c.why)}"
+                                      + (f"\n[yellow]hint:[/] {escape(c.hint)}" if c.hint else ""),
+                                      (0, 0, 0, 2), expand=False))
 
 
 def record_payload(rec: RunRecord) -> dict:
@@ -197,7 +200,7 @@ def audit(
         print_record(rec)
         colour = "green" if rec.passed else "red"
         out().print(f"[bold {colour}]{rec.n_passed}/{len(rec.checks)} checks pass[/] · report: {paths['markdown']}"
-                    f"  ({paths['html']})")
+                    f"  ({paths['html']})", soft_wrap=True)
     raise typer.Exit(OK if rec.passed else FAILED)
 
 
