@@ -142,11 +142,14 @@ def print_record(rec: RunRecord, explain: bool = False) -> None:
     if scalars:
         from llmaudit.audit import format_measured
 
-        parts = []
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column(overflow="fold")
         for k, vs in scalars.items():
             texts = [format_measured(v) for v in vs]
-            parts.append(f"{k} = {texts[0] if len(set(texts)) == 1 else ' / '.join(texts)}")
-        console.print("[bold]headline:[/] " + escape(" · ".join(parts)))
+            grid.add_row(escape(k), escape(texts[0] if len(set(texts)) == 1 else " / ".join(texts)))
+        console.print("[bold]headline[/]" + (f" [dim](seeds {', '.join(map(str, rec.seeds))})[/]" if len(rec.seeds) > 1 else ""))
+        console.print(Padding(grid, (0, 0, 0, 2)))
     for seed, e in rec.errors:
         console.print(f"[bold red]seed {seed} stopped early:[/] {escape(e)}")
     if explain:

@@ -38,6 +38,25 @@ def group_series(series: dict[str, Series]) -> dict[str, list[Series]]:
     return groups
 
 
+def focus_limits(members: list[Series]) -> tuple[float, float] | None:
+    """Y limits that ignore an early transient (a learning curve starting at -1700 and settling near
+    -20 would otherwise hide the difference that matters), or None when the full range reads fine."""
+    everything, later = [], []
+    for s in members:
+        ys = [y for y in s.y if math.isfinite(y)]
+        everything += ys
+        later += ys[len(ys) // 10:]
+    if len(later) < 20:
+        return None
+    later.sort()
+    lo, hi = later[int(0.01 * (len(later) - 1))], later[int(0.99 * (len(later) - 1))]
+    full = max(everything) - min(everything)
+    if hi <= lo or (hi - lo) > full / 4:
+        return None
+    pad = 0.15 * (hi - lo)
+    return lo - pad, hi + pad
+
+
 def plot_png(title: str, members: list[Series], *, dpi: int = 110) -> bytes:
     """One figure for one plot key; returns PNG bytes."""
     import matplotlib
@@ -57,6 +76,11 @@ def plot_png(title: str, members: list[Series], *, dpi: int = 110) -> bytes:
             else:
                 marker = "o" if len(s.y) <= 30 else None
                 ax.plot(s.x, s.y, color=color, linewidth=1.6, marker=marker, markersize=3.5, label=label)
+        limits = focus_limits(members)
+        if limits is not None:
+            ax.set_ylim(*limits)
+            ax.text(0.0, -0.3, "y zoomed past the early transient", transform=ax.transAxes, fontsize=7,
+                    color="#6b7280")
         ax.set_title(title, fontsize=10, loc="left", family="monospace")
         ax.set_xlabel(members[0].x_label, fontsize=9)
         ax.tick_params(labelsize=8)
