@@ -63,6 +63,16 @@ def diagnose() -> list[dict]:
             if dist == "weasyprint" and not isinstance(exc, ImportError):
                 fix = "sudo apt-get install -y libpango-1.0-0 libpangoft2-1.0-0"
             rows.append({"item": dist, "ok": False, "found": f"missing ({type(exc).__name__})", "for": need, "fix": fix})
+    try:
+        from llmaudit.learn.load import load_content
+
+        c = load_content()
+        rows.append({"item": "quiz content", "ok": True, "for": "quiz, brief, roadmap",
+                     "found": f"{len(c.cards)} cards, {sum(len(d.items) for d in c.days.values())} items, "
+                              f"{len(c.roadmap.days)} days", "fix": ""})
+    except Exception as exc:  # noqa: BLE001 - report any content problem, never crash the doctor
+        rows.append({"item": "quiz content", "ok": False, "for": "quiz, brief, roadmap",
+                     "found": str(exc).splitlines()[0][:120], "fix": "reinstall llmaudit (the shipped YAML is damaged)"})
     fonts = cjk_fonts()
     rows.append({"item": "CJK font", "ok": bool(fonts), "found": ", ".join(fonts[:3]) or "none",
                  "for": "Chinese in PDFs and plots", "fix": "" if fonts else APT_FONT})

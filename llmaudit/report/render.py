@@ -141,9 +141,27 @@ def render_index(reports: Path, modules: Iterable[tuple[str, int | None, str]] =
             href = os.path.relpath(page, reports)
         rows.append(IndexRow(name, day, title, rec, href))
     html = _env().get_template("index.html.j2").render(rows=rows, warnings=warnings,
+                                                       progress=(reports / "progress.html").exists(),
                                                        n_run=sum(r.record is not None for r in rows),
                                                        n_pass=sum(bool(r.record and r.record.passed) for r in rows))
     return atomic_write(reports / "index.html", html), warnings
+
+
+def render_progress(progress, reports: Path) -> Path:
+    """``reports/progress.html``: reviews per day and mastery per roadmap day (from ``llmaudit progress``)."""
+    from llmaudit.audit import Series
+
+    days = progress.days
+    mastery = Series("mastery/share_of_items", [float(d.day) for d in days], [100 * d.mastery for d in days],
+                     x_label="roadmap day", smooth=False)
+    plots = [Plot("mastery (% of the day's items)", "mastery.png", plot_png("mastery/share_of_items", [mastery]))]
+    if progress.per_date:
+        dates = list(progress.per_date)
+        per = Series("reviews/per_day", [float(i) for i in range(len(dates))], [float(v) for v in progress.per_date.values()],
+                     x_label=f"day ({dates[0]} .. {dates[-1]})", smooth=False)
+        plots.insert(0, Plot("reviews per day", "reviews.png", plot_png("reviews/per_day", [per])))
+    html = _env().get_template("progress.html.j2").render(p=progress, plots=plots)
+    return atomic_write(Path(reports) / "progress.html", html)
 
 
 def render_smoke(records: list[RunRecord], reports: Path, wall_s: float) -> tuple[Path, Path]:
