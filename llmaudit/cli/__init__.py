@@ -12,7 +12,11 @@ from llmaudit.cli import doctor, learn, practice, run
 HELP = """llmaudit: an interview-prep lab for LLM / RLHF engineers. Every topic is a small PyTorch module
 that really learns a toy task, plus an audit of named invariants that fail when the code is wrong.
 
-Start with: llmaudit list · llmaudit smoke · llmaudit audit gae · llmaudit practice compute_gae
+Run and audit: llmaudit list · llmaudit smoke · llmaudit audit gae · llmaudit report
+
+Hand-write (手撕): llmaudit practice compute_gae · llmaudit check compute_gae my_compute_gae.py
+
+Study: llmaudit roadmap · llmaudit quiz --day 1 --lang zh · llmaudit review · llmaudit progress · llmaudit brief gae
 
 Exit codes: 0 ok · 1 a check failed · 2 usage error · 3 environment problem · 130 interrupted.
 """

@@ -113,8 +113,11 @@ def quiz(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for numeric parameters and choice order.")] = None,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Quiz yourself: recall (self-rated Again/Hard/Good/Easy, next interval shown), choice and numeric
-    (auto-graded; numeric answers computed live by the module's code), code (hand-write and check).
+    """Quiz yourself with spaced repetition: recall, choice, numeric and code items.
+
+    recall: self-rated Again/Hard/Good/Easy with the next interval shown on each choice; choice and
+    numeric: auto-graded (numeric answers computed live by the module's own code); code: hand-write a
+    kernel and check it.
 
     Scheduling is FSRS (the `fsrs` package); progress lives in SQLite under the user data folder
     (LLMAUDIT_HOME overrides). Type q to stop; every answer is saved as you go.
@@ -206,8 +209,10 @@ def progress(lang: LangOpt = None, out_dir: OutOpt = DEFAULT_OUT, json_mode: Jso
 
 @app.command()
 def roadmap(lang: LangOpt = None, out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> None:
-    """The 16-day plan: each day's goal, what you must be able to explain, its modules' audit status
-    and your mastery.
+    """The 16-day plan with audit status and your mastery per day.
+
+    Each day: its title, what you must be able to explain (必须说清楚逻辑), its modules' latest audit
+    result and the share of its quiz items you have mastered.
 
     Example: llmaudit roadmap --lang zh
     """
