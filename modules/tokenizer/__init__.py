@@ -1,0 +1,1 @@
+from modules.tokenizer.tokenizer import *  # noqa: F401,F403
