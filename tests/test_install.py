@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_non_editable_install_runs(tmp_path):
+    # build from a copy of the source, so stale build/ artifacts of this checkout cannot leak in
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "reports", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, cwd=tmp_path, capture_output=True)
+                    "--target", str(target), str(source)], check=True, cwd=tmp_path, capture_output=True)
     assert (target / "llmaudit" / "report" / "templates" / "run.html.j2").is_file()
     assert (target / "modules" / "mdp" / "README.md").is_file()
     assert (target / "llmaudit" / "content" / "cards" / "gae.yaml").is_file()
