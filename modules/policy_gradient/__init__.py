@@ -1,0 +1,1 @@
+from modules.policy_gradient.policy_gradient import *  # noqa: F401,F403
