@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmaudit import __version__
-from llmaudit.cli import doctor, learn, practice, run
+from llmaudit.cli import brief, doctor, learn, practice, run
 
 HELP = """llmaudit: an interview-prep lab for LLM / RLHF engineers. Every topic is a small PyTorch module
 that really learns a toy task, plus an audit of named invariants that fail when the code is wrong.
@@ -24,7 +24,7 @@ Exit codes: 0 ok · 1 a check failed · 2 usage error · 3 environment problem �
 app = typer.Typer(name="llmaudit", help=HELP, no_args_is_help=True, rich_markup_mode="rich",
                   add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
                   pretty_exceptions_enable=False)
-for group in (run, practice, learn, doctor):
+for group in (run, practice, learn, brief, doctor):
     for command in group.app.registered_commands:
         app.registered_commands.append(command)
 
