@@ -16,7 +16,8 @@ def formula_svg(tex: str, fontsize: int = 13) -> str:
     from matplotlib import mathtext
 
     buf = io.BytesIO()
-    with matplotlib.rc_context({"svg.hashsalt": "llmaudit", "svg.fonttype": "path", "mathtext.fontset": "cm"}):
+    with matplotlib.rc_context({"svg.hashsalt": "llmaudit", "svg.fonttype": "path", "mathtext.fontset": "cm",
+                                  "savefig.transparent": True}):
         mathtext.math_to_image(tex, buf, prop=matplotlib.font_manager.FontProperties(size=fontsize),
                                format="svg")
     svg = buf.getvalue().decode("utf-8")

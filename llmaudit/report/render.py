@@ -28,7 +28,7 @@ from llmaudit.report.plots import group_series, plot_png, slug
 
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("llmaudit", "report/templates"),
-                             autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True,
+                             autoescape=jinja2.select_autoescape(["html", "html.j2"]), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     env.filters["mdcell"] = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
     env.filters["fmt"] = format_measured
