@@ -23,7 +23,8 @@ def as_json(res) -> dict:
 def test_help_of_every_command_shows_an_example():
     res = invoke("--help")
     assert res.exit_code == 0
-    for command in ("list", "smoke", "audit", "report", "practice", "check", "doctor"):
+    for command in ("list", "smoke", "audit", "report", "practice", "check", "doctor", "quiz", "review", "progress",
+                    "roadmap", "brief"):
         sub = invoke(command, "--help")
         assert sub.exit_code == 0, command
         assert "Example" in sub.stdout, command
