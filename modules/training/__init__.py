@@ -1,0 +1,1 @@
+from modules.training.training import *  # noqa: F401,F403

@@ -1,0 +1,316 @@
+"""Transformer: a tiny decoder-only Llama with RMSNorm, RoPE, SwiGLU, grouped-query attention and a KV cache.
+
+    RMSNorm    y = x / sqrt(mean(x^2) + eps) * g                    (no mean subtraction, no bias)
+    RoPE       (x_i, x_{i+d/2}) rotated by m * theta^(-2i/d)        (half-split layout, as HF Llama)
+    Attention  softmax(q k^T / sqrt(d_head) + causal mask) v,  n_kv_heads <= n_heads (GQA; 1 = MQA)
+    SwiGLU     FFN(x) = W_down (silu(W_gate x) * W_up x)
+    Block      h = x + Attn(RMSNorm(x));  out = h + FFN(RMSNorm(h))  (pre-norm)
+
+Builds on: nothing; it is the substrate of sft, dpo, ppo, lora and vlm. Sampling lives in sampling.py,
+the toy task and closed loop in task.py.
+Deviations from HF LlamaForCausalLM: none in the math. Parameter names are HF's (hf_state_dict() adds
+the "model." prefix), so the same weights load into LlamaForCausalLM and give the same logits. No
+dropout, no biases, no RoPE scaling; all sequences in a batch share positions (no padding mask).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "FORMULAS", "ModelConfig",
+    "rms_norm", "apply_rope",
+    "RMSNorm", "causal_mask", "expand_kv_heads", "softmax_last_dim", "KVCache",
+    "Attention", "SwiGLU", "Block", "Transformer",
+    "count_parameters", "count_model_parameters", "forward_flops", "kv_cache_bytes",
+    "hf_config_kwargs", "hf_state_dict",
+]
+
+FORMULAS = [
+    ("RMSNorm", r"$y=\frac{x}{\sqrt{\frac{1}{d}\sum_i x_i^2+\epsilon}}\odot g$"),
+    ("RoPE (half-split)", r"$x'_i = x_i\cos m\omega_i - x_{i+d/2}\sin m\omega_i,\ "
+                          r"\omega_i=\theta^{-2i/d}$"),
+    ("Relative position", r"$\langle R_m q, R_n k\rangle = \langle q, R_{n-m} k\rangle$"),
+    ("Attention", r"$\mathrm{softmax}\left(\frac{QK^T}{\sqrt{d_h}}+M\right)V$"),
+    ("SwiGLU", r"$\mathrm{FFN}(x)=W_{down}(\mathrm{silu}(W_{gate}x)\odot W_{up}x)$"),
+    ("Parameters", r"$N=Vd(2-\mathrm{tied})+L(2dHd_h+2dKd_h+3dd_{ff}+2d)+d$"),
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of the model (HF LlamaConfig names in the comments)."""
+
+    vocab_size: int = 32  # vocab_size
+    d_model: int = 64  # hidden_size
+    n_layers: int = 2  # num_hidden_layers
+    n_heads: int = 4  # num_attention_heads
+    n_kv_heads: int = 2  # num_key_value_heads: = n_heads is MHA, 1 is MQA, in between GQA
+    d_ff: int = 172  # intermediate_size (Llama: about 8/3 d, rounded)
+    max_seq_len: int = 512  # max_position_embeddings (informational: RoPE has no table)
+    rope_theta: float = 10000.0  # rope_theta
+    norm_eps: float = 1e-5  # rms_norm_eps (released Llama-2/3 configs use 1e-5)
+    tie_embeddings: bool = False  # tie_word_embeddings: lm_head shares the embedding matrix
+    init_std: float = 0.02  # initializer_range: N(0, init_std) for every matrix
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last axis: y = x / sqrt(mean(x^2) + eps) * weight.
+
+    x: (..., d); weight: (d,) the learned gain g (initialised to ones); eps is added INSIDE the
+    square root. No mean subtraction and no bias (that would be LayerNorm). Half-precision input is
+    normalised in float32 and cast back before the gain, as HF Llama does. Returns x's shape and dtype.
+    With weight = 1 every output row has root-mean-square 1 (up to eps).
+    """
+    dtype = x.dtype
+    h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding in the half-split layout of HF Llama / GPT-NeoX.
+
+    x: (B, H, T, d) queries or keys, d even; positions: (T,) integer absolute positions of the T
+    tokens (with a KV cache the new tokens start at the cache length, not at 0); theta: the base.
+    For i in [0, d/2) the pair (x[i], x[i + d/2]) at position m is rotated by the angle m * w_i,
+    w_i = theta^(-2i/d):
+        x'[i]       = x[i] cos(m w_i) - x[i + d/2] sin(m w_i)
+        x'[i + d/2] = x[i + d/2] cos(m w_i) + x[i] sin(m w_i)
+    i.e. x' = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1), cos/sin = cat(a, a).
+    Angles in float32 (float64 for float64 x). Returns x's shape and dtype. Norms are preserved and
+    <apply_rope(q, m), apply_rope(k, n)> depends on m - n only.
+    """
+    d = x.shape[-1]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=dtype) / d))  # (d/2,)
+    angles = positions.to(dtype)[:, None] * inv_freq  # (T, d/2): angle m * w_i
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model pieces (parameter names follow HF Llama)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float, norm_fn: Callable = rms_norm):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps, self.norm_fn = eps, norm_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_fn(x, self.weight, self.eps)
+
+
+def causal_mask(q_len: int, k_len: int) -> torch.Tensor:
+    """(q_len, k_len) bool, True where attention is allowed. The queries are the LAST q_len of the
+    k_len positions (a KV cache holds the earlier ones): query i sees key j iff j <= k_len - q_len + i."""
+    return torch.ones(q_len, k_len, dtype=torch.bool).tril(diagonal=k_len - q_len)
+
+
+def expand_kv_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, S, d) -> (B, n_kv * n_rep, S, d): each KV head is shared by n_rep consecutive query
+    heads, so query head j reads KV head j // n_rep (repeat_interleave, not tile)."""
+    if n_rep == 1:
+        return x
+    B, n_kv, S, d = x.shape
+    return x[:, :, None].expand(B, n_kv, n_rep, S, d).reshape(B, n_kv * n_rep, S, d)
+
+
+def softmax_last_dim(scores: torch.Tensor) -> torch.Tensor:
+    """exp(s - max) / sum exp(s - max) over the last axis; -inf entries get probability 0.
+
+    Written out because torch's CPU softmax is several times slower on short rows whose length is
+    not a multiple of the vector width (T = 11, say), which is all a tiny model ever has."""
+    e = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+class KVCache:
+    """Keys (after RoPE) and values of every layer for the tokens processed so far, preallocated.
+
+    Per token it holds 2 * n_layers * n_kv_heads * head_dim numbers: GQA shrinks it by n_heads / n_kv.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.length = 0  # tokens already stored (advanced by Transformer.forward after all layers)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v (B, n_kv, T, d) and return all of this layer's keys and values."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache full: {end} tokens > max_len {self.k.shape[3]}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rope_fn: Callable = apply_rope):
+        super().__init__()
+        self.cfg, self.layer, self.rope_fn = cfg, layer, rope_fn
+        H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, H * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, K * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, K * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, K, hd).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, K, hd).transpose(1, 2)  # (B, K, T, hd)
+        q = self.rope_fn(q, positions, self.cfg.rope_theta)
+        k = self.rope_fn(k, positions, self.cfg.rope_theta)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = cached + T
+        k, v = expand_kv_heads(k, H // K), expand_kv_heads(v, H // K)  # (B, H, S, hd)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, H, T, S)
+        scores = scores.masked_fill(~causal_mask(T, k.shape[2]), float("-inf"))
+        probs = softmax_last_dim(scores)
+        out = (probs @ v).transpose(1, 2).reshape(B, T, H * hd)  # heads side by side again
+        return self.o_proj(out)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rope_fn: Callable, norm_fn: Callable):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, norm_fn)
+        self.self_attn = Attention(cfg, layer, rope_fn)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, norm_fn)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, V). Pass a KVCache to decode incrementally:
+    then ``tokens`` are only the new tokens, placed after the ``cache.length`` already stored."""
+
+    def __init__(self, cfg: ModelConfig, *, rope_fn: Callable = apply_rope, norm_fn: Callable = rms_norm):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i, rope_fn, norm_fn) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, norm_fn)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+        if cfg.tie_embeddings:  # one (V, d) matrix both reads tokens in and scores them out
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + tokens.shape[1])
+        x = self.embed_tokens(tokens)  # (B, T, d)
+        for layer in self.layers:
+            x = layer(x, positions, cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact counts: parameters, FLOPs, cache bytes
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Closed form: V d (2, or 1 if tied) + L (attention + SwiGLU + 2 norms) + final norm.
+
+    attention = d H hd (q) + 2 d K hd (k, v) + H hd d (o); SwiGLU = 3 d d_ff; a norm = d gains.
+    Llama-2-7B (V 32000, d 4096, L 32, H = K = 32, d_ff 11008, untied) gives 6,738,415,616.
+    """
+    d, hd, H, K = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    attention = d * H * hd + 2 * d * K * hd + H * hd * d
+    per_layer = attention + 3 * d * cfg.d_ff + 2 * d
+    embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return embeddings + cfg.n_layers * per_layer + d
+
+
+def count_model_parameters(model: nn.Module) -> int:
+    """Parameters actually stored (a tied matrix counted once: nn.Module.parameters() deduplicates)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, cached: int = 0) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one forward pass of ``seq_len`` new tokens that attend to
+    ``cached`` earlier ones, exactly as this implementation computes them:
+
+        2 T (N_matmul)  +  2 * 2 L H hd T S          with S = cached + T
+    N_matmul = L (attention + SwiGLU matrices) + V d (lm_head; the embedding is a lookup, no FLOPs);
+    the second term is q k^T and probs @ v over the full (T, S) score matrix (masked entries are
+    computed too). Training (forward + backward) costs 3x this: PaLM's 6N + 12 L H hd T per token.
+    """
+    d, hd, H, K = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    matmul_params = cfg.n_layers * (d * H * hd + 2 * d * K * hd + H * hd * d + 3 * d * cfg.d_ff) \
+        + cfg.vocab_size * d
+    S = cached + seq_len
+    return batch_size * (2 * seq_len * matmul_params + 4 * cfg.n_layers * H * hd * seq_len * S)
+
+
+def kv_cache_bytes(cfg: ModelConfig, n_tokens: int, bytes_per_elem: int = 2) -> int:
+    """2 (K and V) * L * n_kv_heads * head_dim * bytes per element, per token (bf16 by default).
+    Llama-2-70B (L 80, K 8, hd 128): 327,680 bytes per token, 1.25 GiB for 4096 tokens."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_elem * n_tokens
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interop with HF transformers (no import of it here: plain dicts)
+
+
+def hf_config_kwargs(cfg: ModelConfig) -> dict:
+    """Keyword arguments of transformers.LlamaConfig describing the same model."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+                rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+                hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=cfg.init_std)
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our state_dict under LlamaForCausalLM's names: everything but lm_head lives under "model."."""
+    return {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in model.state_dict().items()}
