@@ -119,6 +119,7 @@ class AuditResult:
     series: dict[str, Series] = field(default_factory=dict)
     scalars: dict[str, Measured] = field(default_factory=dict)
     error: str | None = None  # the exception that stopped the audit early, if any
+    timed: list[str] = field(default_factory=list)  # scalars/checks whose values are clock measurements
 
     @property
     def passed(self) -> bool:
@@ -134,15 +135,24 @@ class AuditResult:
     def to_dict(self) -> dict[str, Any]:
         return {"module": self.module, "seed": self.seed, "mode": self.mode, "passed": self.passed,
                 "error": self.error, "checks": [c.to_dict() for c in self.checks],
-                "scalars": dict(self.scalars),
+                "scalars": dict(self.scalars), "timed": list(self.timed),
                 "series": {k: s.to_dict() for k, s in self.series.items()}}
+
+    def deterministic_dict(self) -> dict[str, Any]:
+        """``to_dict()`` without clock measurements: equal for two runs of the same seed and mode."""
+        d = self.to_dict()
+        d["scalars"] = {k: v for k, v in d["scalars"].items() if k not in self.timed}
+        for c in d["checks"]:
+            if c["name"] in self.timed:
+                c["measured"] = "(timed)"
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AuditResult:
         return cls(module=d["module"], seed=int(d["seed"]), mode=d["mode"],
                    checks=[Check.from_dict(c) for c in d["checks"]],
                    series={k: Series.from_dict(s) for k, s in d.get("series", {}).items()},
-                   scalars=dict(d.get("scalars", {})), error=d.get("error"))
+                   scalars=dict(d.get("scalars", {})), error=d.get("error"), timed=list(d.get("timed", [])))
 
 
 class Context:
@@ -168,14 +178,20 @@ class Context:
         return self.mode == "full"
 
     def check(self, name: str, passed: Any, measured: Any, expected: str, why: str, *,
-              kind: str = "invariant", hint: str = "") -> bool:
-        """Record one property. ``passed`` is coerced to bool (a NaN comparison is False)."""
+              kind: str = "invariant", hint: str = "", timed: bool = False) -> bool:
+        """Record one property. ``passed`` is coerced to bool (a NaN comparison is False).
+
+        ``timed=True`` marks a measured value that comes from a clock (a speedup, a throughput): the
+        only values allowed to differ between two runs of the same seed and mode.
+        """
         if kind not in CHECK_KINDS:
             raise ValueError(f"check kind must be one of {CHECK_KINDS}, got {kind!r}")
         if any(c.name == name for c in self.result.checks):
             raise ValueError(f"check {name!r} recorded twice in audit {self.module!r}")
         ok = bool(passed.item() if hasattr(passed, "item") else passed)
         self.result.checks.append(Check(name, ok, plain(measured), expected, why, kind, hint))
+        if timed:
+            self.result.timed.append(name)
         return ok
 
     def log(self, name: str, value: Any, step: float | None = None, **series_options: Any) -> None:
@@ -195,9 +211,12 @@ class Context:
             raise ValueError(f"series {name!r}: {len(xs)} x values for {len(ys)} y values")
         self.result.series[name] = Series(name, xs, ys, x_label, group, smooth)
 
-    def scalar(self, name: str, value: Any) -> None:
-        """A headline number (or short string) shown at the top of the report."""
+    def scalar(self, name: str, value: Any, *, timed: bool = False) -> None:
+        """A headline number (or short string) shown at the top of the report; ``timed=True`` for a
+        clock measurement (excluded from the determinism guarantee)."""
         self.result.scalars[name] = plain(value)
+        if timed and name not in self.result.timed:
+            self.result.timed.append(name)
 
     def progress(self, done: float, total: float = 1.0) -> None:
         """Report progress through this run (drives the progress bar); cheap to call often."""

@@ -2,7 +2,8 @@
 
 Reports, the index page and briefs are rendered from run records only, so they can be rebuilt
 without re-running anything. Everything that varies between two runs of the same seed and mode
-lives under ``timing``; the rest of a record is a deterministic function of (module, mode, seeds,
+lives under ``timing``, or is a value an audit marked as a clock measurement (listed in each
+result's ``timed``); the rest of a record is a deterministic function of (module, mode, seeds,
 config, kernels).
 """
 from __future__ import annotations

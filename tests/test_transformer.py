@@ -309,9 +309,7 @@ def test_rms_norm_and_rope_match_hf_functions():
 
 
 def _without_wallclock(result) -> dict:
-    d = result.to_dict()
-    d["scalars"] = {k: v for k, v in d["scalars"].items() if "wallclock" not in k}
-    return d
+    return result.deterministic_dict()
 
 
 def test_audit_passes_toy_and_full():

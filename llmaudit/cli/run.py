@@ -83,13 +83,14 @@ def smoke(
         records: list[RunRecord] = []
         with progress_bar(json_mode) as bar:
             task = bar.add_task("smoke", total=len(specs))
+            width = max(len(s.name) for s in specs)
             for i, spec in enumerate(specs):
                 bar.update(task, description=spec.name)
                 rec = run_audit(spec, mode="toy",
                                 progress=lambda f, i=i: bar.update(task, completed=i + f))
                 records.append(rec)
                 if not json_mode:
-                    line = (f"{mark(rec.passed)} [bold]{spec.name:<12}[/] {rec.n_passed:>2}/{len(rec.checks):<2} checks"
+                    line = (f"{mark(rec.passed)} [bold]{spec.name:<{width}}[/] {rec.n_passed:>2}/{len(rec.checks):<2} checks"
                             f"  {rec.elapsed_s:5.2f} s  [dim]{spec.title}[/]")
                     for c in rec.checks:
                         if not c.passed:
