@@ -91,7 +91,7 @@ def smoke(
                 records.append(rec)
                 if not json_mode:
                     line = (f"{mark(rec.passed)} [bold]{spec.name:<{width}}[/] {rec.n_passed:>2}/{len(rec.checks):<2} checks"
-                            f"  {rec.elapsed_s:5.2f} s  [dim]{spec.title}[/]")
+                            f"  {rec.elapsed_s:5.2f} s  " + ("[red]stopped early[/]" if rec.errors else f"[dim]{spec.title}[/]"))
                     for c in rec.checks:
                         if not c.passed:
                             line += f"\n    [red]✗ {c.name}[/]: measured {escape(c.measured_text)}, expected {escape(c.expected)}"
