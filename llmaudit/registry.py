@@ -19,18 +19,30 @@ class UnknownName(LookupError):
         self.suggestions = close
 
 
+class BrokenAudit(RuntimeError):
+    """An audit file that failed to import (its message says why); the other audits still work."""
+
+
 _loaded = False
+BROKEN: dict[str, str] = {}  # audit file name -> "ExceptionType: message" of its failed import
 
 
 def load_all() -> dict[str, AuditSpec]:
-    """Import every module of the ``audits`` package once; each registers itself with ``@audit``."""
+    """Import every module of the ``audits`` package once; each registers itself with ``@audit``.
+
+    A file that fails to import is recorded in ``BROKEN`` instead of taking every other audit down;
+    ``smoke`` reports it as a failure and ``get_audit`` raises ``BrokenAudit`` for it.
+    """
     global _loaded
     if not _loaded:
         import audits
 
         for info in sorted(pkgutil.iter_modules(audits.__path__), key=lambda i: i.name):
             if not info.name.startswith("_"):
-                importlib.import_module(f"audits.{info.name}")
+                try:
+                    importlib.import_module(f"audits.{info.name}")
+                except Exception as exc:  # noqa: BLE001 - one broken audit must not hide the others
+                    BROKEN[info.name] = f"{type(exc).__name__}: {exc}"
         _loaded = True
     return REGISTRY
 
@@ -42,6 +54,8 @@ def all_audits() -> list[AuditSpec]:
 
 def get_audit(name: str) -> AuditSpec:
     specs = load_all()
+    if name not in specs and name in BROKEN:
+        raise BrokenAudit(f"the audit of module {name!r} cannot be imported: {BROKEN[name]}")
     if name not in specs:
         raise UnknownName("module", name, [s.name for s in all_audits()])
     return specs[name]

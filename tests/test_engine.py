@@ -178,3 +178,37 @@ def test_formulas_render_with_mathtext():
     for spec in all_audits():
         for label, tex in spec.formulas:
             assert formula_svg(tex).startswith("<svg"), (spec.name, label)
+
+
+def test_every_shipped_audit_imports():
+    from llmaudit.registry import BROKEN, load_all
+
+    load_all()
+    assert BROKEN == {}
+
+
+def test_a_broken_audit_is_reported_not_fatal(monkeypatch):
+    from llmaudit import registry
+
+    monkeypatch.setitem(registry.BROKEN, "halfbuilt", "SyntaxError: invalid syntax (halfbuilt.py, line 3)")
+    with pytest.raises(registry.BrokenAudit, match="halfbuilt.py, line 3"):
+        registry.get_audit("halfbuilt")
+    from typer.testing import CliRunner
+
+    from llmaudit.cli import app
+
+    res = CliRunner().invoke(app, ["audit", "halfbuilt"])
+    assert res.exit_code == 3 and "cannot be imported" in res.stderr
+
+
+def test_smoke_counts_a_broken_audit_as_a_failure(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmaudit import registry
+    from llmaudit.cli import app, run
+
+    monkeypatch.setitem(registry.BROKEN, "halfbuilt", "ImportError: cannot import name 'x'")
+    monkeypatch.setattr(run, "all_audits", lambda: [registry.get_audit("mdp")])
+    res = CliRunner().invoke(app, ["smoke", "--out", str(tmp_path), "--json"])
+    data = json.loads(res.stdout)
+    assert res.exit_code == 1 and not data["ok"] and "halfbuilt" in data["broken"]

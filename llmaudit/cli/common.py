@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from llmaudit.config import ConfigError
 from llmaudit.record import RecordError
-from llmaudit.registry import UnknownName
+from llmaudit.registry import BrokenAudit, UnknownName
 
 OK, FAILED, USAGE, ENVIRONMENT, INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -62,7 +62,7 @@ def errors(json_mode: bool = False) -> Iterator[None]:
         code, message = INTERRUPTED, "interrupted"
     except (UnknownName, ConfigError, UsageError) as exc:
         code, message = USAGE, str(exc)
-    except (EnvironmentProblem, RecordError) as exc:
+    except (EnvironmentProblem, RecordError, BrokenAudit) as exc:
         code, message = ENVIRONMENT, str(exc)
     if code is not None:
         if json_mode:

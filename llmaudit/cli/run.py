@@ -98,15 +98,21 @@ def smoke(
                     for seed, e in rec.errors:
                         line += f"\n    [red]error (seed {seed}):[/] {escape(e)}"
                     say(bar, line)
+        from llmaudit.registry import BROKEN
         from llmaudit.report.render import render_smoke
 
+        broken = {} if module else dict(BROKEN)
+        for name, why in broken.items():
+            if not json_mode:
+                out().print(f"{mark(False)} [bold]{name}[/]  [red]audit does not import:[/] {escape(why)}", soft_wrap=True)
         paths = _render_all(records, out_dir)
         wall = time.perf_counter() - start
         smoke_md, smoke_html = render_smoke(records, out_dir, wall)
-    ok = all(r.passed for r in records)
+    ok = all(r.passed for r in records) and not broken
     if json_mode:
         emit_json("llmaudit.smoke/v1", {
             "ok": ok, "wall_s": round(wall, 3), "report": {"markdown": str(smoke_md), "html": str(smoke_html)},
+            "broken": broken,
             "modules": [{"module": r.module, "passed": r.passed, "checks": len(r.checks),
                          "checks_passed": r.n_passed, "elapsed_s": r.elapsed_s, "errors": [e for _, e in r.errors],
                          "failed": [c.name for c in r.checks if not c.passed],
@@ -115,7 +121,7 @@ def smoke(
     else:
         n_pass = sum(r.passed for r in records)
         colour = "green" if ok else "red"
-        out().print(f"[bold {colour}]{n_pass}/{len(records)} modules pass[/] in {wall:.1f} s"
+        out().print(f"[bold {colour}]{n_pass}/{len(records) + len(broken)} modules pass[/] in {wall:.1f} s"
                     f" · report: {smoke_md}  ({smoke_html})", soft_wrap=True)
     raise typer.Exit(OK if ok else FAILED)
 
