@@ -95,7 +95,7 @@ class RunRecord:
     results: list[AuditResult]
     formulas: list[tuple[str, str]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=versions)
-    timing: dict[str, Any] = field(default_factory=dict)  # created (UTC ISO), elapsed_s, per_seed_s
+    timing: dict[str, Any] = field(default_factory=dict)  # created (UTC ISO), elapsed_s, per_seed_s, per_seed_cpu_s
 
     @property
     def passed(self) -> bool:

@@ -38,12 +38,13 @@ def run_seed(spec: AuditSpec, *, seed: int, mode: str, config: Any,
     is a failure in the report, not a missing row; Ctrl-C still propagates."""
     seed_everything(seed)
     ctx = Context(spec.name, seed=seed, mode=mode, config=config, progress=progress)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         spec.fn(ctx, **(kernels or {}))
     except Exception as exc:  # noqa: BLE001 - any failure of the audited code is a result
         ctx.result.error = describe_exception(exc)
         ctx.result.exception = exc  # type: ignore[attr-defined]  # for `llmaudit check`; not saved
+    ctx.result.cpu_s = time.process_time() - cpu  # type: ignore[attr-defined]  # steadier than wall time
     return ctx.result, time.perf_counter() - start
 
 
@@ -93,4 +94,5 @@ def run_audit(module: str | AuditSpec, *, mode: str = "toy", seeds: list[int] | 
                      config=config_to_dict(config), overrides=dict(overrides or {}), kernels=sources,
                      results=results, formulas=list(spec.formulas),
                      timing={"created": created, "elapsed_s": round(sum(per_seed), 3),
-                             "per_seed_s": per_seed})
+                             "per_seed_s": per_seed,
+                             "per_seed_cpu_s": [round(r.cpu_s, 3) for r in results]})
