@@ -6,7 +6,9 @@ import os
 import pytest
 
 from llmaudit.audit import AuditResult
-from llmaudit.runner import run_audit
+from llmaudit.runner import configure_torch, run_audit
+
+configure_torch()  # one intra-op thread, as in the runner: tiny tensors on shared cores
 
 # keep CLI output stable and plain under CliRunner
 os.environ.setdefault("NO_COLOR", "1")

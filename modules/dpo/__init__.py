@@ -1,0 +1,1 @@
+from modules.dpo.dpo import *  # noqa: F401,F403
