@@ -1,0 +1,1 @@
+from modules.sft.sft import *  # noqa: F401,F403
