@@ -99,12 +99,6 @@ def parse_value(raw: str, tp: Any, key: str = "value") -> Any:
     raise ConfigError(f"{key}: fields of type {type_name(tp)} cannot be set from the command line")
 
 
-def describe_fields(config: Any) -> list[tuple[str, str, Any]]:
-    """(name, type, current value) for every field of a config instance."""
-    types_ = field_types(type(config))
-    return [(name, type_name(tp), getattr(config, name)) for name, tp in types_.items()]
-
-
 def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
     """A copy of ``config`` with ``overrides`` applied; unknown keys and bad values raise ConfigError."""
     types_ = field_types(type(config))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -171,9 +171,6 @@ def cross_check(content: Content, *, strict: bool = True) -> None:
 def content() -> Content:
     return load_content(strict=False)
 
-
-def dump_text(value: Any) -> str:
-    return yaml.safe_dump(value, allow_unicode=True, sort_keys=False)
 
 
 def check_file(path: Path) -> list[str]:

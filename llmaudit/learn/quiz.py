@@ -62,8 +62,9 @@ class Summary:
 def is_due(card: Card | None, now: datetime) -> bool:
     if card is None:
         return False
-    window = LEARN_AHEAD if card.state in (State.Learning, State.Relearning) else 0 * LEARN_AHEAD
-    return card.due <= now + window
+    if card.state in (State.Learning, State.Relearning):
+        return card.due <= now + LEARN_AHEAD  # learn ahead within a session, as Anki does
+    return card.due <= now
 
 
 def select(content: Content, store: Store, now: datetime, *, day: int | None = None, module: str | None = None,

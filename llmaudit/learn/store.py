@@ -7,7 +7,6 @@ never touched.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -167,7 +166,3 @@ def human_interval(delta: timedelta) -> str:
         return f"{round(s / 3600)}h"
     days = s / 86400
     return f"{round(days)}d" if days < 60 else f"{days / 30:.1f}mo" if days < 365 else f"{days / 365:.1f}y"
-
-
-def dumps(value) -> str:
-    return json.dumps(value, ensure_ascii=False)
