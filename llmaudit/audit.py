@@ -120,6 +120,7 @@ class AuditResult:
     scalars: dict[str, Measured] = field(default_factory=dict)
     error: str | None = None  # the exception that stopped the audit early, if any
     timed: list[str] = field(default_factory=list)  # scalars/checks whose values are clock measurements
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # name -> {"columns": [...], "rows": [[...]]}
 
     @property
     def passed(self) -> bool:
@@ -136,7 +137,9 @@ class AuditResult:
         return {"module": self.module, "seed": self.seed, "mode": self.mode, "passed": self.passed,
                 "error": self.error, "checks": [c.to_dict() for c in self.checks],
                 "scalars": dict(self.scalars), "timed": list(self.timed),
-                "series": {k: s.to_dict() for k, s in self.series.items()}}
+                "series": {k: s.to_dict() for k, s in self.series.items()},
+                "tables": {k: {"columns": list(t["columns"]), "rows": [list(r) for r in t["rows"]]}
+                           for k, t in self.tables.items()}}
 
     def deterministic_dict(self) -> dict[str, Any]:
         """``to_dict()`` without clock measurements: equal for two runs of the same seed and mode."""
@@ -152,7 +155,9 @@ class AuditResult:
         return cls(module=d["module"], seed=int(d["seed"]), mode=d["mode"],
                    checks=[Check.from_dict(c) for c in d["checks"]],
                    series={k: Series.from_dict(s) for k, s in d.get("series", {}).items()},
-                   scalars=dict(d.get("scalars", {})), error=d.get("error"), timed=list(d.get("timed", [])))
+                   scalars=dict(d.get("scalars", {})), error=d.get("error"), timed=list(d.get("timed", [])),
+                   tables={k: {"columns": list(t["columns"]), "rows": [list(r) for r in t["rows"]]}
+                           for k, t in d.get("tables", {}).items()})
 
 
 class Context:
@@ -217,6 +222,15 @@ class Context:
         self.result.scalars[name] = plain(value)
         if timed and name not in self.result.timed:
             self.result.timed.append(name)
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A small table shown in the report (e.g. which models are trainable in each stage). Cells are
+        numbers or short strings; every row has one cell per column."""
+        for row in rows:
+            if len(row) != len(columns):
+                raise ValueError(f"table {name!r}: a row has {len(row)} cells for {len(columns)} columns")
+        self.result.tables[name] = {"columns": [str(c) for c in columns],
+                                    "rows": [[plain(v) for v in row] for row in rows]}
 
     def progress(self, done: float, total: float = 1.0) -> None:
         """Report progress through this run (drives the progress bar); cheap to call often."""

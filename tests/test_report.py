@@ -65,3 +65,22 @@ def test_ema_stays_within_the_range_of_the_data(values, weight):
     assert len(smoothed) == len(values)
     assert all(min(values) - 1e-6 <= v <= max(values) + 1e-6 for v in smoothed)
     assert ema([3.0] * len(values), weight) == pytest.approx([3.0] * len(values))
+
+
+def test_tables_round_trip_and_render(tmp_path):
+    from llmaudit.audit import AuditResult, Context
+    from llmaudit.record import RunRecord
+
+    ctx = Context("mdp", seed=3)
+    ctx.check("a_check", True, 1.0, "= 1", "why")
+    ctx.table("Stages", ["stage", "trainable", "gold"], [["SFT", "policy", 1.5], ["PPO | RL", "actor, critic", 6.25]])
+    with pytest.raises(ValueError, match="2 cells for 3 columns"):
+        ctx.table("Bad", ["a", "b", "c"], [[1, 2]])
+    result = AuditResult.from_dict(ctx.result.to_dict())
+    assert result.tables == ctx.result.tables and result.deterministic_dict()["tables"]["Stages"]["rows"][1][2] == 6.25
+    rec = run_audit("mdp", mode="toy", seeds=[0])
+    rec = RunRecord.from_dict(rec.to_dict() | {"results": [result.to_dict()]})
+    paths = save_and_render(rec, tmp_path)
+    md, html = paths["markdown"].read_text(), paths["html"].read_text()
+    assert "## Stages\n\n| stage | trainable | gold | \n|---|---|---|\n| SFT | policy | 1.5 | \n" in md
+    assert "PPO \\| RL" in md and "<th>trainable</th>" in html and "<td>actor, critic</td>" in html

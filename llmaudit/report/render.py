@@ -81,7 +81,10 @@ def _context(record: RunRecord) -> dict[str, Any]:
     config = [(k, format_measured(v) if isinstance(v, (int, float, bool)) else str(v), k in record.overrides)
               for k, v in record.config.items()]
     user_kernels = {k: v for k, v in record.kernels.items() if v != "reference"}
-    return {"r": record, "created": created, "checks": record.checks, "scalars": _scalars(record),
+    first = record.results[0] if record.results else None
+    tables = [(name, t["columns"], [[format_measured(v) for v in row] for row in t["rows"]])
+              for name, t in (first.tables.items() if first else [])]
+    return {"tables": tables, "tables_seed": first.seed if first else None, "r": record, "created": created, "checks": record.checks, "scalars": _scalars(record),
             "seeds": seeds, "config": config, "user_kernels": user_kernels,
             "n_checks": len(record.checks), "n_passed": record.n_passed}
 
