@@ -286,9 +286,10 @@ def pairwise_accuracy(rm: Transformer, pairs: Pairs, pad_id: int,
 
 def train_reward_model(rm: Transformer, cfg: RewardModelConfig, generator: torch.Generator, *,
                        loss_fn: Callable = bradley_terry_loss, reward_fn: Callable = last_token_rewards,
-                       eval_pairs: Pairs | None = None,
+                       eval_pairs: Pairs | None = None, pairs_fn: Callable[[int, torch.Generator], Pairs] | None = None,
                        on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """``cfg.steps`` AdamW steps on fresh noisy pairs; one forward over [chosen; rejected] per step.
+    ``pairs_fn(n, generator)`` draws each batch (default: gold-labelled pairs with cfg.label_noise).
 
     Returns one dict per step: loss (BT, without the centering term), accuracy (on the noisy batch
     labels), chosen / rejected / margin (mean rewards), lr, grad_norm, and eval_accuracy (held-out,
@@ -301,7 +302,8 @@ def train_reward_model(rm: Transformer, cfg: RewardModelConfig, generator: torch
         if eval_pairs is not None and step % cfg.eval_every == 0:
             eval_accuracy = pairwise_accuracy(rm, eval_pairs, pad, reward_fn)
         rm.train()
-        batch = preference_pairs(cfg, cfg.batch_pairs, generator, cfg.label_noise)
+        batch = (pairs_fn(cfg.batch_pairs, generator) if pairs_fn is not None
+                 else preference_pairs(cfg, cfg.batch_pairs, generator, cfg.label_noise))
         rewards = score(rm, torch.cat([batch.chosen, batch.rejected]), pad, reward_fn)
         chosen, rejected = rewards.chunk(2)
         margin = None
