@@ -1,0 +1,1 @@
+from modules.rlhf.rlhf import *  # noqa: F401,F403
