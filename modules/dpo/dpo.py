@@ -31,7 +31,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from modules.training import IGNORE_INDEX, OptimConfig, clip_grad_norm_, configure_optimizer, train
+from modules.training import IGNORE_INDEX, OptimConfig, clip_grad_norm_, configure_optimizer, supervised_warm_up
 from modules.transformer import ModelConfig, Transformer, generate
 
 __all__ = [
@@ -244,10 +244,8 @@ def warm_up_reference(cfg: DPOConfig, generator: torch.Generator) -> tuple[Trans
     """The reference (and initial) policy: a tiny Llama after a short supervised warm-up (the stand-in
     for an SFT model; init from the global RNG). Its response NLL tends to ln(n_digits)."""
     model = Transformer(model_config(cfg))
-    optim = OptimConfig(lr=cfg.warmup_lr, min_lr=cfg.warmup_lr / 10, warmup_steps=min(10, cfg.warmup_steps // 2))
-    optimizer, scheduler = configure_optimizer(model, optim, cfg.warmup_steps)
-    history = train(model, lambda g: warm_up_batch(cfg, cfg.warmup_batch, g), optimizer, scheduler,
-                    cfg.warmup_steps, generator=generator, grad_clip=optim.grad_clip)
+    history = supervised_warm_up(model, lambda g: warm_up_batch(cfg, cfg.warmup_batch, g), cfg.warmup_steps,
+                                 cfg.warmup_lr, generator)
     return model, history
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.training import IGNORE_INDEX, OptimConfig, clip_grad_norm_, configure_optimizer, train
+from modules.training import IGNORE_INDEX, OptimConfig, clip_grad_norm_, configure_optimizer, supervised_warm_up
 from modules.transformer import ModelConfig, Transformer
 
 __all__ = [
@@ -240,12 +240,8 @@ def warmup_language_model(cfg: RewardModelConfig, generator: torch.Generator) ->
     ``lm_steps`` next-token steps on the task's sequences (weights initialised from the global RNG).
     Swap this function for modules.sft's model to start from a real SFT checkpoint."""
     lm = Transformer(model_config(cfg))
-    if cfg.lm_steps == 0:
-        return lm, []
-    optim_cfg = OptimConfig(lr=cfg.lm_lr, min_lr=cfg.lm_lr / 10, warmup_steps=min(10, cfg.lm_steps // 4))
-    optimizer, scheduler = configure_optimizer(lm, optim_cfg, cfg.lm_steps)
-    history = train(lm, lambda g: lm_batch(cfg, 2 * cfg.batch_pairs, g), optimizer, scheduler, cfg.lm_steps,
-                    generator=generator, grad_clip=optim_cfg.grad_clip)
+    history = supervised_warm_up(lm, lambda g: lm_batch(cfg, 2 * cfg.batch_pairs, g), cfg.lm_steps, cfg.lm_lr,
+                                 generator, warmup_steps=min(10, cfg.lm_steps // 4))
     return lm, history
 
 

@@ -29,7 +29,7 @@ __all__ = [
     "FORMULAS", "IGNORE_INDEX", "OptimConfig", "TrainingConfig",
     "adamw_step", "cosine_schedule", "clip_grad_global_norm",
     "AdamW", "WarmupCosine", "configure_optimizer", "clip_grad_norm_",
-    "token_nll", "lm_nll", "accumulate_gradients", "perplexity", "train",
+    "token_nll", "lm_nll", "accumulate_gradients", "perplexity", "train", "supervised_warm_up",
     "save_checkpoint", "load_checkpoint",
     "markov_chain", "sample_markov", "entropy_rate",
 ]
@@ -355,6 +355,18 @@ def train(model: torch.nn.Module, next_batch: Callable[[torch.Generator], tuple[
         if on_step is not None:
             on_step(len(history) - 1, record)
     return history
+
+
+def supervised_warm_up(model: torch.nn.Module, next_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+                       steps: int, lr: float, generator: torch.Generator, warmup_steps: int | None = None) -> list[dict]:
+    """A short supervised run (AdamW, linear warmup then cosine to lr / 10, clipping at 1): the SFT
+    stand-in with which the alignment modules make their starting policy. warmup_steps defaults to
+    min(10, steps // 2). Returns train()'s history; an empty one when steps is 0."""
+    if steps == 0:
+        return []
+    optim = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=min(10, steps // 2) if warmup_steps is None else warmup_steps)
+    optimizer, scheduler = configure_optimizer(model, optim, steps)
+    return train(model, next_batch, optimizer, scheduler, steps, generator=generator, grad_clip=optim.grad_clip)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: AdamW,
