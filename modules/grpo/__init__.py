@@ -1,0 +1,1 @@
+from modules.grpo.grpo import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+from modules.rlvf.rlvf import *  # noqa: F401,F403
