@@ -268,6 +268,7 @@ Fill in the body, then run:  llmaudit check {name} {filename}
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
