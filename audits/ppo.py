@@ -294,7 +294,7 @@ def audit_ppo(ctx: Context, *, ppo_clip_loss=M.ppo_clip_loss, kl_estimators=M.kl
     below = float(0.5 * ((vp - ret_v) ** 2).mean() - vl)
     ctx.check("value_clipping_matches_reference", v_err < VECTOR_TOL and below <= VECTOR_TOL,
               f"max error {v_err:.1e} on {len(VALUE_VECTORS)} vectors; unclipped MSE/2 - loss = {below:.1e}",
-              f"(V 1.5, G 2) -> 0.32, (1.1, 2) -> 0.405, (0.5, 2) -> 1.125, (1.5, 1) -> 0.125 (V_old 1, clip .2); "
+              "(V 1.5, G 2) -> 0.32, (1.1, 2) -> 0.405, (0.5, 2) -> 1.125, (1.5, 1) -> 0.125 (V_old 1, clip .2); "
               "loss >= unclipped MSE / 2",
               "The value clip keeps the critic near its rollout values like the ratio clip keeps the actor; the max "
               "makes it a pessimistic bound, so it can only slow the critic down, never reward a jump.",
