@@ -112,3 +112,134 @@ def preflight(fn: Callable, kernel: Kernel, path: Path) -> None:
         raise KernelFileError(f"`{kernel.name}` in {path} returned {describe_structure(mine)}, but the audit "
                               f"expects {describe_structure(ref)} for the example input. Check the shapes and "
                               "what the docstring says to return.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Watching the user's function while the audit calls it
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _leaves(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    return [value]
+
+
+def _has(value: Any, test: str) -> bool:
+    """Whether any float tensor or float in ``value`` holds a NaN (test="nan") or +-inf ("inf")."""
+    import math
+
+    import torch
+
+    for leaf in _leaves(value):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            if bool((torch.isnan(leaf) if test == "nan" else torch.isinf(leaf)).any()):
+                return True
+        elif isinstance(leaf, float) and (math.isnan(leaf) if test == "nan" else math.isinf(leaf)):
+            return True
+    return False
+
+
+class KernelSpy:
+    """Wraps the user's function: counts calls, calls that turned finite inputs into NaN (or inf, for
+    kernels whose outputs should be finite), and the time spent inside it."""
+
+    def __init__(self, fn: Callable, kernel: Kernel):
+        self.fn, self.kernel = fn, kernel
+        self.calls = self.nan_calls = self.inf_calls = 0
+        self.seconds = 0.0
+        self.__name__ = kernel.name
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import time
+
+        start = time.perf_counter()
+        try:
+            out = self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+        inputs = (args, kwargs)
+        if _has(out, "nan") and not _has(inputs, "nan"):
+            self.nan_calls += 1
+        if self.kernel.finite and _has(out, "inf") and not _has(inputs, "inf") and not _has(inputs, "nan"):
+            self.inf_calls += 1
+        return out
+
+    def findings(self) -> list[str]:
+        """What the user should hear about their function's outputs, in words."""
+        said = []
+        if self.nan_calls:
+            said.append(f"your {self.kernel.name} returned NaN on {self.nan_calls} of {self.calls} calls whose "
+                        "inputs had no NaN (log of 0, 0/0, a std of one element, exp overflow?)")
+        if self.inf_calls:
+            said.append(f"your {self.kernel.name} returned inf on {self.inf_calls} of {self.calls} calls whose "
+                        "inputs were finite (division by zero, exp overflow?)")
+        return said
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "nan_calls": self.nan_calls, "inf_calls": self.inf_calls,
+                "seconds": round(self.seconds, 4)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Degenerate kernels: the four ways a function can be trivially wrong
+
+
+DEGENERATE = ("nan", "zeros", "echo", "raises")
+
+
+class DegenerateKernelCalled(RuntimeError):
+    """Raised by the 'raises' degenerate kernel."""
+
+
+def _spoil(value: Any, how: str) -> Any:
+    import dataclasses
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if how == "zeros":
+            return torch.zeros_like(value)
+        if value.dtype == torch.bool:
+            return ~value
+        return torch.full_like(value, float("nan")) if value.is_floating_point() else value + 1
+    if isinstance(value, bool):
+        return False if how == "zeros" else not value
+    if isinstance(value, int):
+        return 0 if how == "zeros" else value + 1
+    if isinstance(value, float):
+        return 0.0 if how == "zeros" else float("nan")
+    if isinstance(value, str):
+        return ""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_spoil(v, how) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_spoil(v, how) for v in value)
+    if isinstance(value, dict):
+        return {k: _spoil(v, how) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _spoil(getattr(value, f.name), how)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def degenerate(kernel: Kernel, how: str) -> Callable:
+    """A broken stand-in for ``kernel``: returns NaN ("nan"), zeros ("zeros") where the reference
+    returns numbers, its first input ("echo"), or raises ("raises")."""
+    if how not in DEGENERATE:
+        raise ValueError(f"how must be one of {DEGENERATE}")
+    ref = kernel.fn
+    params = list(kernel.signature.parameters)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        if how == "raises":
+            raise DegenerateKernelCalled(f"degenerate {kernel.name} called")
+        if how == "echo":
+            return args[0] if args else kwargs[params[0]]
+        return _spoil(ref(*args, **kwargs), how)
+
+    broken.__name__ = kernel.name
+    return broken

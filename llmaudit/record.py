@@ -9,6 +9,7 @@ config, kernels).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -21,7 +22,8 @@ from typing import Any
 from llmaudit import __version__
 from llmaudit.audit import AuditResult, Measured, format_measured
 
-SCHEMA = "llmaudit.run/v1"
+SCHEMA = "llmaudit.run/v2"
+READABLE = ("llmaudit.run/v1", SCHEMA)  # v1 records (checks measured in words) still load
 
 
 class RecordError(ValueError):
@@ -57,21 +59,48 @@ class CheckSummary:
     why: str
     hint: str
     passed: bool
-    measured: list[Measured]
+    measured: list[Measured]  # per seed
     seeds: list[int]
     failed_seeds: list[int]
+    texts: list[str] = field(default_factory=list)  # what each seed measured, in words
+    margins: list[float | None] = field(default_factory=list)
+    kernels: tuple[str, ...] = ()
+    errors: list[str] = field(default_factory=list)  # "seed 1: ValueError: ..."
 
     @property
     def measured_text(self) -> str:
-        values = [format_measured(m) for m in self.measured]
-        if len(set(values)) == 1:
-            return values[0]
-        return " / ".join(values)
+        if len(set(self.texts)) == 1:
+            return self.texts[0]
+        return " / ".join(self.texts)
+
+    @property
+    def margin(self) -> float | None:
+        """The worst margin over the seeds (None when the bound has no scale, e.g. ==)."""
+        known = [m for m in self.margins if m is not None]
+        return min(known) if known else None
+
+    @property
+    def margin_text(self) -> str:
+        m = self.margin
+        if m is None:
+            return "-"
+        return "-inf" if math.isinf(m) else f"{100 * m:+.0f}%" if abs(m) < 10 else f"{m:+.3g}x"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "passed": self.passed, "measured": self.measured,
-                "expected": self.expected, "why": self.why, "hint": self.hint, "seeds": self.seeds,
-                "failed_seeds": self.failed_seeds}
+        return {"name": self.name, "kind": self.kind, "passed": self.passed,
+                "measured": [_jsonable(m) for m in self.measured], "texts": self.texts,
+                "expected": self.expected, "margin": _jsonable(self.margin), "why": self.why,
+                "hint": self.hint, "kernels": list(self.kernels), "seeds": self.seeds,
+                "failed_seeds": self.failed_seeds, "errors": self.errors}
+
+
+def _jsonable(m: Any) -> Any:
+    """A measurement for JSON (which has no NaN or inf): non-finite floats as their text."""
+    if isinstance(m, dict):
+        return {k: _jsonable(v) for k, v in m.items()}
+    if isinstance(m, float) and not math.isfinite(m):
+        return format_measured(m)
+    return m
 
 
 def versions() -> dict[str, str]:
@@ -126,7 +155,10 @@ class RunRecord:
             out.append(CheckSummary(name=name, kind=first.kind, expected=first.expected, why=first.why,
                                     hint=first.hint, passed=not failed and not missing,
                                     measured=[c.measured for _, c in pairs],
-                                    seeds=[s for s, _ in pairs], failed_seeds=failed + missing))
+                                    seeds=[s for s, _ in pairs], failed_seeds=failed + missing,
+                                    texts=[c.measured_text for _, c in pairs],
+                                    margins=[c.margin for _, c in pairs], kernels=first.kernels,
+                                    errors=[f"seed {s}: {c.error}" for s, c in pairs if c.error]))
         return out
 
     @property
@@ -164,7 +196,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
-        if d.get("schema") != SCHEMA:
+        if d.get("schema") not in READABLE:
             raise RecordError(f"expected schema {SCHEMA!r}, found {d.get('schema')!r}")
         return cls(module=d["module"], title=d["title"], day=d.get("day"), mode=d["mode"],
                    seeds=list(d["seeds"]), config=d["config"], overrides=d.get("overrides", {}),

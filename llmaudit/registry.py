@@ -11,11 +11,12 @@ from llmaudit.audit import REGISTRY, AuditSpec, Kernel
 class UnknownName(LookupError):
     """An unknown module or kernel name; the message carries a "did you mean" list."""
 
-    def __init__(self, what: str, name: str, known: list[str]):
+    def __init__(self, what: str, name: str, known: list[str], extra: str = ""):
         self.what, self.name, self.known = what, name, known
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        super().__init__(f"unknown {what} {name!r}.{hint} Known {what}s: {', '.join(known)}")
+        extra = f" ({extra})" if extra else ""
+        super().__init__(f"unknown {what} {name!r}{extra}.{hint} Known {what}s: {', '.join(known)}")
         self.suggestions = close
 
 

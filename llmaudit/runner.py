@@ -7,10 +7,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from llmaudit.audit import AuditResult, AuditSpec, Context
+from llmaudit.audit import AuditResult, AuditSpec, CheckSpec, Context, Step, evaluate, failed_check, stable_seed
 from llmaudit.config import apply_overrides, config_to_dict
 from llmaudit.record import RunRecord, now_utc
-from llmaudit.registry import get_audit
+from llmaudit.registry import UnknownName, get_audit
 
 DEFAULT_SEEDS = {"toy": 1, "full": 3}  # full mode: closed loops must hold on several seeds
 
@@ -31,19 +31,138 @@ def configure_torch() -> None:
     torch.set_num_threads(1)
 
 
+class StepFailed(Exception):
+    """A fixture raised: every check that needs it fails with this message."""
+
+
+def _call(step: Step, ctx: Context, kernels: dict[str, Callable], fixtures: dict[str, Any],
+          spec: AuditSpec) -> Any:
+    """Call a check, fixture or report hook with what its parameters name; fixtures are run (once)
+    on first use, and each step starts from its own seed so it gives the same numbers alone."""
+    args = {}
+    for p in step.params:
+        if p == "ctx":
+            args[p] = ctx
+        elif p == "cfg":
+            args[p] = ctx.config
+        elif p == "g":
+            args[p] = ctx.generator(step.name)
+        elif p in kernels:
+            args[p] = kernels[p]
+        else:
+            args[p] = _fixture(p, ctx, kernels, fixtures, spec)
+    seed_everything(stable_seed(ctx.seed, step.name))
+    return step.fn(**args)
+
+
+def _fixture(name: str, ctx: Context, kernels: dict[str, Callable], fixtures: dict[str, Any],
+             spec: AuditSpec) -> Any:
+    if name not in fixtures:
+        try:
+            fixtures[name] = _call(spec.fixtures[name], ctx, kernels, fixtures, spec)
+        except StepFailed as exc:
+            fixtures[name] = exc
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded on every check that needs it
+            fixtures[name] = StepFailed(f"fixture {name} raised {describe_exception(exc)}")
+    if isinstance(fixtures[name], StepFailed):
+        raise fixtures[name]
+    return fixtures[name]
+
+
+def _fixture_closure(spec: AuditSpec, steps: list[Step]) -> list[str]:
+    seen: list[str] = []
+
+    def visit(params: tuple[str, ...]) -> None:
+        for p in params:
+            if p in spec.fixtures and p not in seen:
+                visit(spec.fixtures[p].params)
+                seen.append(p)
+    for s in steps:
+        visit(s.params)
+    return seen
+
+
+def select_checks(spec: AuditSpec, mode: str, only: list[str] | None = None) -> list[CheckSpec]:
+    """The checks to run: all of ``mode``'s, or the named ones (an unknown name is an UnknownName)."""
+    available = spec.checks_for(mode)
+    if only is None:
+        return available
+    names = {c.name for c in available}
+    for name in only:
+        if name not in names:
+            other = [c for c in spec.checks if c.name == name]
+            if other:
+                raise UnknownName("check", name, sorted(names),
+                                  extra=f"{name} runs only in {' and '.join(other[0].modes)} mode")
+            raise UnknownName("check", name, sorted(names))
+    return [c for c in available if c.name in only]
+
+
+def run_steps(spec: AuditSpec, ctx: Context, kernels: dict[str, Callable] | None = None,
+              only: list[str] | None = None) -> None:
+    """Run the selected checks of ``spec`` (and, for the whole audit, its report hooks) into ctx.result.
+
+    A check that raises -- or whose fixture raised -- is recorded as failed with the error; the
+    other checks still run. Ctrl-C propagates.
+    """
+    active = {k.name: k.fn for k in spec.kernels} | dict(kernels or {})
+    checks = select_checks(spec, ctx.mode, only)
+    reports = list(spec.reports) if only is None else []
+    needed = [spec.fixtures[f] for f in _fixture_closure(spec, [*checks, *reports])]
+    total = sum(s.cost for s in [*needed, *checks, *reports]) or 1.0
+    done = 0.0
+    fixtures: dict[str, Any] = {}
+    report = ctx._progress
+    # fixtures are charged to the progress bar when they run, i.e. inside the first check needing them
+    costs = {s.name: s.cost for s in needed}
+    ctx.result.selected = None if only is None else [c.name for c in checks]
+    for c in checks:
+        pending = [f for f in _fixture_closure(spec, [c]) if f not in fixtures]
+        step_cost = c.cost + sum(costs[f] for f in pending)
+        ctx._slice = (done / total, (done + step_cost) / total)
+        try:
+            returned = _call(c, ctx, active, fixtures, spec)
+            check = evaluate(c, returned, ctx.config)
+        except StepFailed as exc:
+            check = failed_check(c, ctx.config, str(exc))
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a raising check is a failing check
+            check = failed_check(c, ctx.config, describe_exception(exc))
+        ctx.result.checks.append(check)
+        if c.timed:
+            ctx.result.timed.append(c.name)
+        done += step_cost
+        if report is not None:
+            report(done / total)
+    for r in reports:
+        pending = [f for f in _fixture_closure(spec, [r]) if f not in fixtures]
+        step_cost = r.cost + sum(costs[f] for f in pending)
+        ctx._slice = (done / total, (done + step_cost) / total)
+        try:
+            _call(r, ctx, active, fixtures, spec)
+        except StepFailed:
+            pass  # its fixture's failure is already on the checks that need it
+        except Exception as exc:  # noqa: BLE001 - a broken report hook fails the run, visibly
+            ctx.result.error = f"report {r.name} raised {describe_exception(exc)}"
+        done += step_cost
+
+
 def run_seed(spec: AuditSpec, *, seed: int, mode: str, config: Any,
              kernels: dict[str, Callable] | None = None,
-             progress: Callable[[float], None] | None = None) -> tuple[AuditResult, float]:
-    """Run ``spec`` once. An exception is recorded on the result (never re-raised) so that a crash
-    is a failure in the report, not a missing row; Ctrl-C still propagates."""
+             progress: Callable[[float], None] | None = None,
+             only: list[str] | None = None) -> tuple[AuditResult, float]:
+    """Run ``spec`` once (all checks, or the ``only`` ones). Nothing a check raises escapes: it is
+    recorded on that check, so a crash is a failure in the report, not a missing row; Ctrl-C still
+    propagates."""
     seed_everything(seed)
     ctx = Context(spec.name, seed=seed, mode=mode, config=config, progress=progress)
     start, cpu = time.perf_counter(), time.process_time()
-    try:
-        spec.fn(ctx, **(kernels or {}))
-    except Exception as exc:  # noqa: BLE001 - any failure of the audited code is a result
-        ctx.result.error = describe_exception(exc)
-        ctx.result.exception = exc  # type: ignore[attr-defined]  # for `llmaudit check`; not saved
+    if spec.legacy_fn is not None:  # LEGACY one-function audits
+        try:
+            spec.legacy_fn(ctx, **(kernels or {}))
+        except Exception as exc:  # noqa: BLE001 - any failure of the audited code is a result
+            ctx.result.error = describe_exception(exc)
+    else:
+        run_steps(spec, ctx, kernels, only)
     ctx.result.cpu_s = time.process_time() - cpu  # type: ignore[attr-defined]  # steadier than wall time
     return ctx.result, time.perf_counter() - start
 
@@ -65,14 +184,17 @@ def resolve_seeds(mode: str, seed: int = 0, n_seeds: int | None = None) -> list[
 def run_audit(module: str | AuditSpec, *, mode: str = "toy", seeds: list[int] | None = None,
               overrides: dict[str, str] | None = None, kernels: dict[str, Callable] | None = None,
               kernel_sources: dict[str, str] | None = None,
-              progress: Callable[[float], None] | None = None) -> RunRecord:
+              progress: Callable[[float], None] | None = None, only: list[str] | None = None) -> RunRecord:
     """Run one module's audit over ``seeds`` and return its run record (not yet saved).
 
     ``overrides`` are raw ``--set`` strings, validated against the config (ConfigError on a bad one).
     ``kernels`` replaces reference kernels by name (``kernel_sources`` says where they came from).
-    ``progress`` receives the overall fraction done, 0..1.
+    ``progress`` receives the overall fraction done, 0..1. ``only`` runs just the named checks (and
+    the fixtures they need).
     """
     spec = module if isinstance(module, AuditSpec) else get_audit(module)
+    if only is not None:
+        select_checks(spec, mode, only)  # unknown names fail before any work
     seeds = seeds if seeds is not None else resolve_seeds(mode)
     config = apply_overrides(spec.make_config(mode), overrides or {})
     configure_torch()
@@ -84,7 +206,7 @@ def run_audit(module: str | AuditSpec, *, mode: str = "toy", seeds: list[int] | 
                 progress((i + frac) / len(seeds))
 
         result, elapsed = run_seed(spec, seed=seed, mode=mode, config=config, kernels=kernels,
-                                   progress=seed_progress)
+                                   progress=seed_progress, only=only)
         results.append(result)
         per_seed.append(round(elapsed, 3))
         seed_progress(1.0)

@@ -1,11 +1,20 @@
-"""Shared test helpers: run one audit seed directly, and assert that a mutant breaks a named check."""
+"""Shared test helpers: run one audit seed directly, and mutants -- broken kernels, configs or module
+code -- that must make a named check fail.
+
+A test file lists its mutants as ``MUTANTS = [Mutant(...), ...]``; ``scripts/mutant_sweep.py`` runs
+the same lists over many seeds, so every mutant must keep breaking its check on every seed.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
 
 import pytest
 
 from llmaudit.audit import AuditResult
+from llmaudit.registry import get_audit
 from llmaudit.runner import configure_torch, run_audit
 
 configure_torch()  # one intra-op thread, as in the runner: tiny tensors on shared cores
@@ -17,17 +26,67 @@ os.environ.setdefault("_TYPER_FORCE_DISABLE_TERMINAL", "1")
 
 
 def audit_once(module: str, mode: str = "toy", seed: int = 0, overrides: dict[str, str] | None = None,
-               **kernels) -> AuditResult:
-    """Run ``module``'s audit for one seed (optionally with replaced kernels) and return its result."""
-    record = run_audit(module, mode=mode, seeds=[seed], overrides=overrides, kernels=kernels or None)
+               only: list[str] | None = None, **kernels) -> AuditResult:
+    """Run ``module``'s audit for one seed (optionally only some checks, with replaced kernels)."""
+    record = run_audit(module, mode=mode, seeds=[seed], overrides=overrides, kernels=kernels or None, only=only)
     return record.results[0]
 
 
 def assert_check_fails(result: AuditResult, name: str) -> None:
-    """The mutant must make check ``name`` be recorded and fail (a crash before it is not enough)."""
+    """The mutant must make check ``name`` be recorded and fail."""
     names = [c.name for c in result.checks]
     assert name in names, f"check {name!r} was not recorded (error: {result.error}); recorded: {names}"
     assert not result.check(name).passed, f"mutant did not break {name!r}: {result.check(name)}"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """A deliberate bug that must make ``check`` fail.
+
+    ``kernels`` replaces kernels by name, ``overrides`` are ``--set`` values, ``patch`` returns a
+    context manager that breaks module code while the audit runs (e.g. ``lambda:
+    mock.patch.object(M, "bootstrap", wrong)``). ``raises=True`` accepts a check that fails because
+    the broken code raised; by default the check must fail on a measurement.
+    """
+
+    check: str
+    what: str  # a few words: "lam ignored", "clip removed"
+    kernels: dict[str, Callable] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
+    patch: Callable[[], ContextManager] | None = None
+    mode: str = "toy"
+    raises: bool = False
+
+    def run(self, module: str, seed: int = 0) -> AuditResult:
+        with (self.patch() if self.patch else contextlib.nullcontext()):
+            return audit_once(module, self.mode, seed, overrides=self.overrides or None, only=[self.check],
+                              **self.kernels)
+
+    @property
+    def id(self) -> str:
+        return f"{self.check}-{self.what.replace(' ', '_')}"
+
+
+def assert_mutant_fails(module: str, mutant: Mutant, seed: int = 0) -> AuditResult:
+    result = mutant.run(module, seed)
+    assert_check_fails(result, mutant.check)
+    c = result.check(mutant.check)
+    if not mutant.raises:
+        assert c.error is None, f"mutant {mutant.what!r} made {mutant.check} raise instead of fail: {c.error}"
+    return result
+
+
+def assert_every_check_has_a_mutant(module: str, mutants: list[Mutant]) -> None:
+    """Every check of ``module`` (both modes) is broken by at least one mutant of the list."""
+    names = {c.name for c in get_audit(module).checks}
+    missing = names - {m.check for m in mutants}
+    unknown = {m.check for m in mutants} - names
+    assert not missing, f"checks of {module} with no mutant: {sorted(missing)}"
+    assert not unknown, f"mutants of {module} name checks that do not exist: {sorted(unknown)}"
+
+
+def mutant_params(mutants: list[Mutant]) -> Any:
+    return pytest.mark.parametrize("mutant", mutants, ids=[m.id for m in mutants])
 
 
 @pytest.fixture

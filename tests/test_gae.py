@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_check_fails, audit_once
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -309,24 +309,33 @@ def gae_with(*, lam_fixed=None, decay="gamma_lam", bootstrap_mask="terminated", 
 
 
 MUTANTS = [
-    ("matches_verl_test_vectors", gae_with(lam_fixed=0.95)),
-    ("matches_cleanrl_dones_vector", gae_with(chain_cut="next")),
-    ("lambda_zero_is_td_error", gae_with(lam_fixed=0.95)),
-    ("lambda_one_is_discounted_return_minus_value", gae_with(decay="lam")),
-    ("recursion_equals_closed_form_sum", gae_with(decay="lam")),
-    ("returns_are_lambda_returns", gae_with(whiten=True)),
-    ("returns_equal_advantages_plus_values", gae_with(returns="advantages")),
-    ("no_leak_across_episode_boundary", gae_with(chain_cut="terminated")),
-    ("truncation_bootstraps_from_next_value", gae_with(bootstrap_mask="done")),
-    ("truncation_bootstraps_from_next_value", gae_with(next_from_values=True)),
-    ("termination_does_not_bootstrap", gae_with(bootstrap_mask="never")),
-    ("linear_in_rewards", gae_with(clip_rewards=True)),
-    ("envs_are_independent", gae_with(any_done=True)),
-    ("variance_grows_with_lambda", gae_with(lam_fixed=0.95)),
-    ("bias_vanishes_at_lambda_one", gae_with(bootstrap_mask="never")),
-    ("bias_shrinks_with_lambda", gae_with(lam_fixed=0.95)),
-    ("monte_carlo_bias_matches_analytic", gae_with(chain_cut="terminated", bootstrap_mask="never")),
-    ("perfect_critic_is_unbiased_for_every_lambda", gae_with(gamma_in_delta=False)),
+    Mutant("matches_verl_test_vectors", "lam fixed at .95", {"compute_gae": gae_with(lam_fixed=0.95)}),
+    Mutant("matches_cleanrl_dones_vector", "cut by the next done", {"compute_gae": gae_with(chain_cut="next")}),
+    Mutant("lambda_zero_is_td_error", "lam fixed at .95", {"compute_gae": gae_with(lam_fixed=0.95)}),
+    Mutant("lambda_one_is_discounted_return_minus_value", "decay lam", {"compute_gae": gae_with(decay="lam")}),
+    Mutant("recursion_equals_closed_form_sum", "decay lam", {"compute_gae": gae_with(decay="lam")}),
+    Mutant("returns_are_lambda_returns", "whitened", {"compute_gae": gae_with(whiten=True)}),
+    Mutant("returns_equal_advantages_plus_values", "returns = A", {"compute_gae": gae_with(returns="advantages")}),
+    Mutant("no_leak_across_episode_boundary", "cut on terminated only",
+           {"compute_gae": gae_with(chain_cut="terminated")}),
+    Mutant("truncation_bootstraps_from_next_value", "no bootstrap at truncation",
+           {"compute_gae": gae_with(bootstrap_mask="done")}),
+    Mutant("truncation_bootstraps_from_next_value", "next value from values[t+1]",
+           {"compute_gae": gae_with(next_from_values=True)}),
+    Mutant("termination_does_not_bootstrap", "bootstraps at termination",
+           {"compute_gae": gae_with(bootstrap_mask="never")}),
+    Mutant("linear_in_rewards", "rewards clipped", {"compute_gae": gae_with(clip_rewards=True)}),
+    Mutant("envs_are_independent", "any done cuts every env", {"compute_gae": gae_with(any_done=True)}),
+    Mutant("variance_grows_with_lambda", "lam fixed at .95", {"compute_gae": gae_with(lam_fixed=0.95)}),
+    Mutant("bias_vanishes_at_lambda_one", "bootstraps at termination",
+           {"compute_gae": gae_with(bootstrap_mask="never")}),
+    Mutant("bias_shrinks_with_lambda", "lam fixed at .95", {"compute_gae": gae_with(lam_fixed=0.95)}),
+    Mutant("monte_carlo_bias_matches_analytic", "cut on terminated only, bootstraps at termination",
+           {"compute_gae": gae_with(chain_cut="terminated", bootstrap_mask="never")}),
+    Mutant("perfect_critic_is_unbiased_for_every_lambda", "no gamma in delta",
+           {"compute_gae": gae_with(gamma_in_delta=False)}),
+    Mutant("bias_shrinks_with_lambda", "a perfect critic", overrides={"critic_offset": "0.0", "critic_noise": "0.0"}),
+    Mutant("variance_grows_with_lambda", "a short horizon", overrides={"gamma": "0.3"}),
 ]
 
 
@@ -336,19 +345,10 @@ def test_reference_options_reproduce_the_reference():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("check,mutant", MUTANTS, ids=[f"{c}-{i}" for i, (c, _) in enumerate(MUTANTS)])
-def test_mutant_breaks_check(check, mutant):
-    assert_check_fails(audit_once("gae", "toy", 0, compute_gae=mutant), check)
-
-
-@pytest.mark.parametrize("check,overrides", [
-    ("bias_shrinks_with_lambda", {"critic_offset": "0.0"}),  # a critic with no systematic error
-    ("variance_grows_with_lambda", {"gamma": "0.3"}),  # a short horizon: lam barely matters
-])
-def test_bad_config_breaks_outcome(check, overrides):
-    assert_check_fails(audit_once("gae", "toy", 0, overrides=overrides), check)
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("gae", mutant)
 
 
 def test_every_check_has_a_mutant():
-    names = {c.name for c in audit_once("gae", "toy", 0).checks}
-    assert names == {c for c, _ in MUTANTS}
+    assert_every_check_has_a_mutant("gae", MUTANTS)

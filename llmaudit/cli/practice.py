@@ -65,20 +65,23 @@ def check(
     seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Audit YOUR implementation of a kernel with the module's checks, each failure explained.
+    """Audit YOUR implementation of a kernel with the checks that call it, each failure explained.
 
-    The module's audit runs with your function in place of the reference; every failing invariant is
-    explained: measured vs expected, why it matters, a hint.
+    Only the module's checks that call your function run (with your function in place of the
+    reference); the module's other checks are listed as not about your code. Every failing check is
+    explained: measured vs expected, why it matters, a hint; NaN or inf outputs are called out.
 
     Exits 1 if the file cannot be used or any check fails.
 
     Example: llmaudit practice compute_gae && llmaudit check compute_gae my_compute_gae.py
     """
-    from llmaudit.practice import KernelFileError, load_user_function, preflight
+    from llmaudit.practice import KernelFileError, KernelSpy, load_user_function, preflight
+    from llmaudit.registry import get_audit
 
     mode = "full" if full else "toy"
     with errors(json_mode):
         k = get_kernel(kernel)
+        spec = get_audit(k.module)
         try:
             fn = load_user_function(file, k)
             preflight(fn, k, file)
@@ -87,21 +90,31 @@ def check(
                 emit_json("llmaudit.check/v1", {"ok": False, "kernel": k.name, "file": str(file), "error": str(exc)})
             err().print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(FAILED)
+        mine = [c.name for c in spec.checks_of_kernel(k.name, mode)]
+        others = [c.name for c in spec.checks_for(mode) if c.name not in mine]
+        spy = KernelSpy(fn, k)
         with progress_bar(json_mode) as bar:
-            task = bar.add_task(f"{k.module} with your {k.name}", total=1.0)
-            rec = run_audit(k.module, mode=mode, seeds=resolve_seeds(mode, seed), kernels={k.name: fn},
-                            kernel_sources={k.name: str(file)}, progress=lambda f: bar.update(task, completed=f))
+            task = bar.add_task(f"{len(mine)} checks of {k.module} with your {k.name}", total=1.0)
+            rec = run_audit(k.module, mode=mode, seeds=resolve_seeds(mode, seed), kernels={k.name: spy},
+                            kernel_sources={k.name: str(file)}, only=mine,
+                            progress=lambda f: bar.update(task, completed=f))
+    findings = spy.findings()
     if json_mode:
-        emit_json("llmaudit.check/v1", record_payload(rec) | {"kernel": k.name, "file": str(file)})
+        emit_json("llmaudit.check/v1", record_payload(rec) | {"kernel": k.name, "file": str(file),
+                                                               "module_checks_not_run": others,
+                                                               "calls": spy.to_dict(), "findings": findings})
     else:
-        out().print(f"[bold]{k.module}[/] audit with [bold]{k.name}[/] from {file} · {mode} · "
-                    f"seeds {', '.join(map(str, rec.seeds))}")
+        out().print(f"[bold]{k.module}[/]: the {len(mine)} checks that call [bold]{k.name}[/], with yours from "
+                    f"{file} · {mode} · seeds {', '.join(map(str, rec.seeds))}")
         print_record(rec, explain=True)
+        for line in findings:
+            out().print(f"[bold yellow]note:[/] {escape(line)}", soft_wrap=True)
+        if others:
+            out().print(f"[dim]module checks, not about your code (not run): {', '.join(others)}[/]", soft_wrap=True)
         if rec.passed:
-            out().print(f"[bold green]your {k.name} passes all {len(rec.checks)} checks[/]")
+            out().print(f"[bold green]your {k.name} passes all {len(rec.checks)} checks that call it[/]")
         else:
             n_fail = len(rec.checks) - rec.n_passed
-            out().print(f"\n[bold red]{n_fail} of {len(rec.checks)} checks fail[/]"
-                        + (" and the audit stopped early" if rec.errors else "")
-                        + f"; compare with the reference: llmaudit practice {k.name} shows the contract.")
+            out().print(f"\n[bold red]{n_fail} of the {len(rec.checks)} checks that call your {k.name} fail[/]"
+                        f"; compare with the contract: llmaudit practice {k.name}.")
     raise typer.Exit(OK if rec.passed else FAILED)
