@@ -123,7 +123,7 @@ def format_measured(value: Any) -> str:
         if value.is_integer() and abs(value) < 1e6:
             return str(int(value))
         if abs(value) < 1e-3 or abs(value) >= 1e5:
-            return f"{value:.3g}"
+            return f"{value:.3g}".replace("e-0", "e-").replace("e+0", "e+")
         return f"{value:.4g}"
     if isinstance(value, dict):
         return ", ".join(f"{k} {format_measured(v)}" for k, v in value.items())

@@ -24,7 +24,7 @@ def test_help_of_every_command_shows_an_example():
     res = invoke("--help")
     assert res.exit_code == 0
     for command in ("list", "smoke", "audit", "report", "practice", "check", "doctor", "quiz", "review", "progress",
-                    "roadmap", "brief"):
+                    "roadmap", "brief", "sweep"):
         sub = invoke(command, "--help")
         assert sub.exit_code == 0, command
         assert "Example" in sub.stdout, command
@@ -61,9 +61,18 @@ def test_audit_seeds_and_set_reach_the_record(tmp_path):
 
 
 def test_audit_human_output_has_the_checks_table(tmp_path):
-    res = invoke("audit", "mdp", "--toy", "--out", tmp_path)
+    res = invoke("audit", "gae", "--toy", "--out", tmp_path)
     assert res.exit_code == 0
-    assert "bellman_optimality_residual_below_1e-8" in res.stdout and "checks pass" in res.stdout
+    assert "matches_verl_test_vectors" in res.stdout and "checks pass" in res.stdout and "margin" in res.stdout
+
+
+def test_audit_runs_one_check_alone(tmp_path):
+    res = invoke("audit", "gae", "--toy", "--check", "lambda_zero_is_td_error", "--json", "--out", tmp_path)
+    data = as_json(res)
+    assert res.exit_code == 0 and [c["name"] for c in data["checks"]] == ["lambda_zero_is_td_error"]
+    assert data["selected"] == ["lambda_zero_is_td_error"] and data["checks"][0]["kernels"] == ["compute_gae"]
+    res = invoke("audit", "gae", "--toy", "--check", "lambda_zero_is_td_eror", "--out", tmp_path)
+    assert res.exit_code == 2 and "Did you mean: lambda_zero_is_td_error" in res.stderr
 
 
 @pytest.mark.parametrize("args, text", [
@@ -96,14 +105,12 @@ def test_smoke_json_and_pages(tmp_path):
 
 
 def test_smoke_fails_with_exit_1_when_a_check_fails(tmp_path, monkeypatch):
-    import torch
+    from modules import gae as G
 
-    from modules import mdp as M
-
-    monkeypatch.setattr(M, "monte_carlo_returns", lambda env, actions, episodes, gamma, seed: torch.ones(episodes, dtype=M.DTYPE))
-    res = invoke("smoke", "-m", "mdp", "--out", tmp_path)
+    monkeypatch.setattr(G, "td_errors", lambda rewards, values, next_values, terminated, gamma: rewards)
+    res = invoke("smoke", "-m", "gae", "--out", tmp_path)
     assert res.exit_code == 1
-    assert "✗ monte_carlo_return_matches_v_star" in res.stdout
+    assert "✗ lambda_zero_is_td_error" in res.stdout
 
 
 def test_report_rebuilds_from_records(tmp_path):
@@ -177,9 +184,59 @@ def test_check_passes_a_correct_implementation(tmp_path):
     assert res.exit_code == 0 and data["ok"] and data["schema"] == "llmaudit.check/v1"
 
 
+GAE_NO_TRUNCATION = """def compute_gae(rewards, values, next_values, terminated, truncated, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    carry = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        end = terminated[t].to(rewards.dtype)
+        delta = rewards[t] + gamma * (1 - end) * next_values[t] - values[t]
+        carry = delta + gamma * lam * (1 - end) * carry
+        adv[t] = carry
+    return adv, adv + values
+"""
+
+
 def test_check_explains_failing_invariants(tmp_path):
-    wrong = "def bellman_optimality_backup(P, R, gamma, V):\n    return (R + gamma * P @ V).mean(-1)\n"
-    res = invoke("check", KERNEL, write(tmp_path, wrong))
+    res = invoke("check", "compute_gae", write(tmp_path, GAE_NO_TRUNCATION))
     assert res.exit_code == 1
-    assert "✗ bellman_optimality_residual_below_1e-8" in res.stdout
-    assert "why it matters" in res.stdout and "hint:" in res.stdout
+    assert "✗ no_leak_across_episode_boundary" in res.stdout and "why it matters" in res.stdout
+    assert "hint:" in res.stdout and "5 of the 17 checks that call your compute_gae fail" in res.stdout
+    data = as_json(invoke("check", "compute_gae", write(tmp_path, GAE_NO_TRUNCATION), "--json"))
+    verdicts = {c["name"]: c["passed"] for c in data["checks"]}
+    assert verdicts["matches_verl_test_vectors"] and not verdicts["truncation_bootstraps_from_next_value"]
+
+
+def test_check_runs_only_the_checks_that_call_the_kernel(tmp_path):
+    from llmaudit.registry import get_audit
+
+    mine = {c.name for c in get_audit("mdp").checks_of_kernel(KERNEL, "toy")}
+    data = as_json(invoke("check", KERNEL, write(tmp_path, CORRECT), "--json"))
+    assert {c["name"] for c in data["checks"]} == mine and all(KERNEL in c["kernels"] for c in data["checks"])
+    assert set(data["module_checks_not_run"]).isdisjoint(mine)
+    assert data["calls"]["calls"] > 0
+
+
+def test_check_says_in_words_when_the_function_returns_nan(tmp_path):
+    nan = "def compute_gae(rewards, values, next_values, terminated, truncated, gamma, lam):\n" \
+          "    A = torch.full_like(rewards, float('nan'))\n    return A, A + values\n"
+    res = invoke("check", "compute_gae", write(tmp_path, nan))
+    assert res.exit_code == 1 and "returned NaN on" in res.stdout and "NaN (not finite)" in res.stdout
+    assert "measured 0 " not in res.stdout
+
+
+def test_check_treats_sys_exit_in_user_code_as_a_failure(tmp_path):
+    body = "import sys\n\ndef compute_gae(rewards, values, next_values, terminated, truncated, gamma, lam):\n" \
+           "    if rewards.shape[0] > 5:\n        sys.exit(0)\n    return rewards, rewards + values\n"
+    res = invoke("check", "compute_gae", write(tmp_path, body), "--json")
+    assert res.exit_code == 1 and not as_json(res)["ok"]
+
+
+def test_sweep_reports_pass_rates_and_margins(tmp_path):
+    out = tmp_path / "sweep.json"
+    res = invoke("sweep", "gae", "--seeds", "2", "-j", "1", "--json", "--save", out, "--markdown", tmp_path / "s.md")
+    data = as_json(res)
+    assert res.exit_code == 0 and data["ok"] and data["seeds"] == [0, 1]
+    check = next(c for c in data["modules"][0]["checks"] if c["name"] == "variance_grows_with_lambda")
+    assert check["passed"] == check["n"] == 2 and check["worst_margin"] > 0 and "ratio" in check["ranges"]
+    assert json.loads(out.read_text())["schema"] == "llmaudit.sweep/v1"
+    assert "| `variance_grows_with_lambda` | outcome |" in (tmp_path / "s.md").read_text()

@@ -1,0 +1,53 @@
+"""Published numbers come from a command: the committed seed sweeps (docs/sweep/*.json, made by
+`llmaudit sweep`) cover every check with the bars in the code, meet the robustness goals, and every
+number in the READMEs and docs/robustness.md is what `scripts/publish.py` generates from them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmaudit.registry import all_audits
+from llmaudit.sweep import SPAN
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = {"toy": (ROOT / "docs/sweep/toy.json", list(range(20))), "full": (ROOT / "docs/sweep/full.json", list(range(5)))}
+
+
+def load(mode: str) -> dict:
+    return json.loads(SWEEPS[mode][0].read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("mode", list(SWEEPS))
+def test_the_committed_sweep_covers_every_check_with_todays_bars(mode):
+    doc = load(mode)
+    assert doc["schema"] == "llmaudit.sweep/v1" and doc["mode"] == mode and doc["seeds"] == SWEEPS[mode][1]
+    swept = {m["module"]: {c["name"]: c for c in m["checks"]} for m in doc["modules"]}
+    for spec in all_audits():
+        assert spec.name in swept, f"{spec.name} is not in docs/sweep/{mode}.json: rerun the sweep"
+        cfg = spec.make_config(mode)
+        want = {c.name: c.expected(cfg) for c in spec.checks_for(mode)}
+        have = {name: c["expected"] for name, c in swept[spec.name].items()}
+        assert have == want, f"{spec.name}: the committed {mode} sweep ran other checks or bars: rerun it"
+
+
+@pytest.mark.parametrize("mode", list(SWEEPS))
+def test_the_committed_sweep_meets_the_robustness_goals(mode):
+    doc = load(mode)
+    bad = [(m["module"], c["name"], c["failed_seeds"], c["worst_margin"])
+           for m in doc["modules"] for c in m["checks"] if not c["meets_goal"]]
+    assert doc["ok"] and doc["goal_met"] and not bad, bad
+
+
+def test_readmes_and_robustness_page_are_generated_from_the_sweeps():
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "publish.py"), "--check"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_module_readmes_publish_their_results_through_sweep_spans():
+    for readme in sorted((ROOT / "modules").glob("*/README.md")):
+        assert SPAN.search(readme.read_text(encoding="utf-8")), f"{readme} quotes no sweep result"
