@@ -203,7 +203,7 @@ def envs_are_independent(compute_gae, cases, cfg):
 @gae.fixture(cost=20)
 def sweep(cfg, g, compute_gae):
     """Many rollouts from one (s0, a0) of a random episodic MDP, A_lam for every lam on a grid."""
-    return M.bias_variance_sweep(cfg, g, gae_fn=compute_gae)
+    return M.run(cfg, g, gae_fn=compute_gae)
 
 
 @gae.check({"ratio": ">= min_variance_ratio", "step_back": "<= monotone_slack"}, kind="outcome",

@@ -6,7 +6,7 @@ An audit is a list of **checks**, each a small named function declared on an ``A
 
     @gae.fixture(cost=20)
     def sweep(cfg, g, compute_gae):                  # shared by several checks, run once per seed
-        return M.bias_variance_sweep(cfg, g, gae_fn=compute_gae)
+        return M.run(cfg, g, gae_fn=compute_gae)
 
     @gae.check("< 1e-6", hint="the last step is terminal: delta = r - V there")
     def matches_verl_test_vectors(compute_gae):

@@ -31,7 +31,7 @@ __all__ = [
     "td_errors", "episode_ends", "n_step_returns", "monte_carlo_advantages", "lambda_returns",
     "gae_closed_form", "random_batch",
     "episodic_random_mdp", "noisy_critic", "Rollouts", "rollout", "batch_from_rollouts",
-    "first_step_advantages", "analytic_first_step_bias", "SweepResult", "bias_variance_sweep",
+    "first_step_advantages", "analytic_first_step_bias", "SweepResult", "run",
 ]
 
 DTYPE = M.DTYPE
@@ -343,8 +343,8 @@ class SweepResult:
     critic_error: torch.Tensor  # (S,) V_hat - V^pi
 
 
-def bias_variance_sweep(cfg: GAEConfig, generator: torch.Generator,
-                        gae_fn: Callable = compute_gae, s0: int = 0, a0: int = 0) -> SweepResult:
+def run(cfg: GAEConfig, generator: torch.Generator, gae_fn: Callable = compute_gae, s0: int = 0,
+        a0: int = 0) -> SweepResult:
     """Draw an episodic MDP, a policy and a wrong critic; roll out N episodes from (s0, a0); estimate
     A_lam(s0, a0) for every lam on the grid with the same rollouts."""
     mdp = episodic_random_mdp(cfg.n_states, cfg.n_actions, cfg.gamma, cfg.p_end, generator)
