@@ -312,19 +312,25 @@ def sweep(
     if json_mode:
         emit_json("llmaudit.sweep/v1", {k: v for k, v in doc.items() if k != "schema"})
     else:
+        console = out()
         for s in summaries:
-            table = Table(box=None, pad_edge=False, header_style="bold", title_justify="left",
-                          title=f"[bold]{s['module']}[/] · {len(seed_list)} seeds · {s['seconds']['mean']:.1f} s per seed")
-            for col in ("", "check", "kind", "pass", "worst margin", "measured (min … max)", "bound"):
-                table.add_column(col, overflow="fold")
-            for c in s["checks"]:
-                ok = c["passed"] == c["n"]
-                goal = "" if c["meets_goal"] else " [yellow]⚠[/]"
-                table.add_row(mark(ok), c["name"] + goal, c["kind"], f"{c['passed']}/{c['n']}",
-                              margin_text(c["worst_margin"]), escape(measured_range_text(c)), escape(c["expected"]))
-            out().print(table)
+            console.print(f"[bold]{s['module']}[/] · {len(seed_list)} seeds · {s['seconds']['mean']:.1f} s per seed")
+            rows = [(mark(c["passed"] == c["n"]), c["name"] + ("" if c["meets_goal"] else " [yellow]⚠[/]"), c["kind"],
+                     f"{c['passed']}/{c['n']}", margin_text(c["worst_margin"]), escape(measured_range_text(c)),
+                     escape(c["expected"])) for c in s["checks"]]
+            if console.width >= 150:
+                table = Table(box=None, pad_edge=False, header_style="bold")
+                for col in ("", "check", "kind", "pass", "worst margin", "measured (min … max)", "bound"):
+                    table.add_column(col, overflow="fold", no_wrap=col == "check")
+                for row in rows:
+                    table.add_row(*row)
+                console.print(table)
+            else:
+                for ok, name, kind, rate, margin, measured, expected in rows:
+                    console.print(f"{ok} [bold]{name}[/] [dim]({kind})[/] {rate} · margin {margin}", soft_wrap=True)
+                    console.print(Padding(f"[dim]measured {measured} · bound {expected}[/]", (0, 0, 0, 4)))
             for e in s["run_errors"] + [e for c in s["checks"] for e in c["errors"]]:
-                out().print(f"  [red]error[/] {escape(e)}", soft_wrap=True)
+                console.print(f"  [red]error[/] {escape(e)}", soft_wrap=True)
         colour = "green" if doc["ok"] else "red"
         out().print(f"[bold {colour}]{'every check passes on every seed' if doc['ok'] else 'some checks fail on some seeds'}[/]"
                     + ("" if doc["goal_met"] else " · [yellow]⚠ marks checks below the goal (outcome margin < 10 %)[/]"))
