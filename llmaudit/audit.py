@@ -132,6 +132,19 @@ def format_measured(value: Any) -> str:
     return str(value)
 
 
+def format_margin(margin: Any) -> str:
+    """A margin for tables: "+25%" (a quarter of the bound's scale to spare), "-40%" (failed by 40 %),
+    "+15×" for a measurement far inside its bound, "< -100%" far outside, "-" where there is no margin."""
+    if margin is None:
+        return "-"
+    m = float(margin) if not isinstance(margin, str) else {"NaN": math.nan, "inf": math.inf, "-inf": -math.inf}[margin]
+    if math.isnan(m) or m < -1:
+        return "< -100%"
+    if m >= 10:
+        return f"+{m:.0f}×"
+    return f"{100 * m:+.0f}%"
+
+
 def plain(value: Any) -> Scalar:
     """A JSON-friendly scalar: one-element tensors become Python numbers, non-finite floats and
     everything else short strings."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llmaudit import __version__
-from llmaudit.audit import AuditResult, Measured, format_measured
+from llmaudit.audit import AuditResult, Measured, format_margin, format_measured
 
 SCHEMA = "llmaudit.run/v2"
 READABLE = ("llmaudit.run/v1", SCHEMA)  # v1 records (checks measured in words) still load
@@ -81,10 +81,7 @@ class CheckSummary:
 
     @property
     def margin_text(self) -> str:
-        m = self.margin
-        if m is None:
-            return "-"
-        return "-inf" if math.isinf(m) else f"{100 * m:+.0f}%" if abs(m) < 10 else f"{m:+.3g}x"
+        return format_margin(self.margin)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "passed": self.passed,

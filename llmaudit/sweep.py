@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from llmaudit.audit import AuditResult, format_measured
+from llmaudit.audit import AuditResult, format_margin, format_measured
 
 SCHEMA = "llmaudit.sweep/v1"
 MARGIN_GOAL = 0.10  # outcome checks: the worst seed keeps at least 10 % of the bound's scale
@@ -175,12 +175,7 @@ def _float(x: Any) -> float:
 
 
 def margin_text(m: Any) -> str:
-    if m is None:
-        return "—"
-    m = _float(m)
-    if math.isinf(m):
-        return "-inf"
-    return f"{100 * m:+.0f}%" if abs(m) < 10 else f"{m:+.3g}×"
+    return format_margin(m)
 
 
 def measured_range_text(check: dict[str, Any]) -> str:

@@ -147,7 +147,8 @@ def print_record(rec: RunRecord, explain: bool = False) -> None:
         for c in rec.checks:
             console.print(f"{mark(c.passed)} [bold]{c.name}[/]  [dim]({c.kind})[/]")
             why = "" if explain else f"\n[dim]{escape(c.why)}[/]"  # `check` explains the failures below
-            console.print(Padding(f"measured {escape(c.measured_text)}  ·  expected {escape(c.expected)}"
+            measured = c.measured_text if c.errors else f"measured {c.measured_text}"
+            console.print(Padding(f"{escape(measured)}  ·  expected {escape(c.expected)}"
                                   f"  ·  margin {c.margin_text}{why}", (0, 0, 0, 4), expand=False))
     scalars = rec.scalars()
     if scalars:
@@ -168,7 +169,8 @@ def print_record(rec: RunRecord, explain: bool = False) -> None:
             if not c.passed:
                 seeds = f" on seed {', '.join(map(str, c.failed_seeds))}" if len(rec.seeds) > 1 else ""
                 console.print(f"\n[bold red]✗ {c.name}[/]{seeds}")
-                console.print(Padding(f"measured [bold]{escape(c.measured_text)}[/], expected {escape(c.expected)}.\n"
+                measured = "" if c.errors else "measured "
+                console.print(Padding(f"{measured}[bold]{escape(c.measured_text)}[/], expected {escape(c.expected)}.\n"
                                       f"why it matters: {escape(c.why)}"
                                       + (f"\n[yellow]hint:[/] {escape(c.hint)}" if c.hint else ""),
                                       (0, 0, 0, 2), expand=False))
