@@ -129,6 +129,7 @@ def summarise(module: str, outputs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-check statistics and per-scalar ranges of one module's sweep."""
     checks: dict[str, CheckStats] = {}
     scalars: dict[str, list[float]] = {}
+    timed_scalars: set[str] = set()
     results = [AuditResult.from_dict(o["result"]) for o in outputs]
     for r in results:
         for c in r.checks:
@@ -142,14 +143,17 @@ def summarise(module: str, outputs: list[dict[str, Any]]) -> dict[str, Any]:
             if c.error:
                 st.errors.append(f"seed {r.seed}: {c.error}")
         for k, v in r.scalars.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in r.timed:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 scalars.setdefault(k, []).append(float(v))
+                if k in r.timed:
+                    timed_scalars.add(k)
     seconds = [o["seconds"] for o in outputs]
     cpu = [o["cpu_s"] for o in outputs]
     return {"module": module, "seeds": [r.seed for r in results],
             "run_errors": [f"seed {r.seed}: {r.error}" for r in results if r.error],
             "checks": [c.to_dict() for c in checks.values()],
-            "scalars": {k: {"min": min(v), "max": max(v), "n": len(v)} for k, v in scalars.items()},
+            "scalars": {k: {"min": min(v), "max": max(v), "n": len(v), "timed": k in timed_scalars}
+                        for k, v in scalars.items()},
             "seconds": {"mean": sum(seconds) / len(seconds), "max": max(seconds),
                         "cpu_mean": sum(cpu) / len(cpu), "cpu_max": max(cpu)}}
 
@@ -214,7 +218,8 @@ def to_markdown(doc: dict[str, Any], heading_level: int = 2) -> str:
         if s["scalars"]:
             lines += ["", "<details><summary>headline numbers (min … max over seeds)</summary>", "",
                       "| scalar | range |", "|---|---|"]
-            lines += [f"| {k} | {range_text(v['min'], v['max'])} |" for k, v in s["scalars"].items()]
+            lines += [f"| {k}{' (clock)' if v.get('timed') else ''} | {range_text(v['min'], v['max'])} |"
+                      for k, v in s["scalars"].items()]
             lines += ["", "</details>"]
         lines.append("")
     return "\n".join(lines)
@@ -225,10 +230,11 @@ def to_markdown(doc: dict[str, Any], heading_level: int = 2) -> str:
 #
 #   <!-- sweep | full | ppo | scalar | gold reward end -->3.43 … 5.78<!-- /sweep -->
 #   <!-- sweep | toy | gae | check | variance_grows_with_lambda.ratio | .1f -->7.5 … 8.7<!-- /sweep -->
-#   <!-- sweep | toy | gae | seconds -->0.3<!-- /sweep -->
+#   <!-- sweep | toy | gae | seconds | cpu -->0.3<!-- /sweep -->
 #
-# fields: mode, module, what (scalar | check | seconds), name (a scalar, or a check with an optional
-# .part), and an optional format spec for both ends of the range (".3f", ".0%", "g").
+# fields: mode, module, what (scalar | check | seconds), name (a scalar; a check with an optional
+# .part; for seconds, wall or cpu: the mean per seed), and an optional format spec for both ends of the
+# range (".3f", ".0%", "g"). Clock scalars (timed) are published like the others: say so beside them.
 
 import re  # noqa: E402
 
@@ -256,8 +262,11 @@ def span_text(spec: str, docs: dict[str, dict[str, Any]]) -> str:
         raise SpanError(f"span {spec!r}: the {mode} sweep has no module {module!r}")
     m = mods[module]
     if what == "seconds":
-        fmt = fields[3] if len(fields) > 3 else ".1f"
-        return _fmt(m["seconds"]["mean"], fmt)
+        clock = fields[3] if len(fields) > 3 else "wall"
+        if clock not in ("wall", "cpu"):
+            raise SpanError(f"span {spec!r}: seconds are 'wall' or 'cpu', not {clock!r}")
+        fmt = fields[4] if len(fields) > 4 else ".1f"
+        return _fmt(m["seconds"]["mean" if clock == "wall" else "cpu_mean"], fmt)
     if len(fields) < 4:
         raise SpanError(f"span {spec!r}: name the {what}")
     name, fmt = fields[3], fields[4] if len(fields) > 4 else ""
