@@ -3,15 +3,18 @@ torch's profiler, the audit, and one mutant per check."""
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_check_fails, audit_once
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import modules.attention.attention as MA
+from llmaudit.registry import get_audit
 from modules import attention as M
 
 D64 = torch.float64
@@ -323,13 +326,14 @@ def test_reference_memory_is_dominated_by_the_score_matrix():
     assert tiled < 4 * (4 * n * 16 + 4 * 64 * 64) + 4 * 3 * n  # a few (N, d) states and (64, 64) tiles
 
 
-def test_growth_exponent_of_linear_and_quadratic_sequences():
+def test_doubling_exponents_of_linear_and_quadratic_sequences():
     lens = [256, 512, 1024, 2048]
-    assert M.growth_exponent(lens, [5000 + 3 * n for n in lens]) == pytest.approx(1.0)
-    assert M.growth_exponent(lens, [5000 + 3 * n + n * n for n in lens]) == pytest.approx(2.0, abs=0.01)
-    assert M.growth_exponent(lens, [7] * 4) == 0.0
-    with pytest.raises(ValueError):
-        M.growth_exponent([1, 3, 9], [1, 2, 3])
+    linear = M.doubling_exponents([5000 + 3 * n for n in lens])
+    assert all(0 < e < 1 for e in linear) and linear == sorted(linear)  # -> 1 as the N term dominates
+    assert M.doubling_exponents([3 * n * n for n in lens]) == pytest.approx([2.0] * 3)
+    # two linear phases (a loop peak, then a larger end peak) never exceed 1, unlike the increment ratio
+    assert max(M.doubling_exponents([max(300_000 + 72 * n, 150 * n) for n in [256, 512, 1024, 2048, 4096]])) <= 1
+    assert M.doubling_exponents([7] * 4) == [0.0] * 3
 
 
 def test_config_rejects_a_sweep_that_is_not_doubling():
@@ -340,57 +344,75 @@ def test_config_rejects_a_sweep_that_is_not_doubling():
     assert M.AttentionConfig().memory_seq_lens == [256, 512, 1024, 2048, 4096]
 
 
+# --- the experiment: memory sweep -------------------------------------------------------------------
+
+
+def test_run_reports_linear_tiled_and_quadratic_reference_memory():
+    r = M.run(M.AttentionConfig(), torch.Generator().manual_seed(0))
+    assert r.seq_lens == [256, 512, 1024, 2048, 4096]
+    assert max(r.flash_exponents) < 0.5 and r.reference_exponents == pytest.approx([2.0] * 4)
+    assert r.reference_peaks[-1] == 160 * 2**20  # scores + masked copy (64 MiB each) + mask and ~mask
+    assert r.flash_peaks[-1] - r.flash_peaks[-2] == 2048 * 16 * 4  # grows by the output only
+    assert r.ratio > 250 and max(r.tile_units) < 4
+
+
+def test_extra_memory_in_tiles_by_hand():
+    # N = 100, d = 8, tiles 10 x 20: output 800 elements; budget 200 + 100 * 10 = 1200 elements
+    assert M.extra_memory_in_tiles([4 * (800 + 1200)], [100], 8, 10, 20) == [1.0]
+
+
 # --- the audit ---------------------------------------------------------------------------------------
 
 
-def test_audit_passes_toy_and_full():
+def test_audit_passes_toy():
     r = audit_once("attention", "toy")
     assert r.passed, [c for c in r.checks if not c.passed] or r.error
-    for seed in (0, 1):
-        r = audit_once("attention", "full", seed)
-        assert r.passed, [c for c in r.checks if not c.passed] or r.error
-    assert r.scalars["memory ratio at N=4096"] >= 20
+    assert {c.kind for c in r.checks} == {"invariant", "outcome"}
+    assert r.scalars["memory ratio at N=4096"] >= 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_audit_passes_full(seed):
+    r = audit_once("attention", "full", seed)
+    assert r.passed, [c for c in r.checks if not c.passed] or r.error
 
 
 def test_same_seed_same_result():
-    assert audit_once("attention", "toy", 3).to_dict() == audit_once("attention", "toy", 3).to_dict()
+    first, again = audit_once("attention", "toy", 3), audit_once("attention", "toy", 3)
+    assert first.deterministic_dict() == again.deterministic_dict()
 
 
 def test_set_overrides_reach_the_audit():
     r = audit_once("attention", overrides={"memory_max_len": "1024", "min_memory_ratio": "5", "n_cases": "8"})
     assert r.passed
     assert "memory ratio at N=1024" in r.scalars
-    assert "over 8 cases" in r.check("flash_matches_reference").measured
+    assert r.check("flash_matches_reference").detail.startswith("8 cases")
+
+
+def test_memory_checks_name_only_the_kernel_they_measure():
+    spec = get_audit("attention")
+    assert spec.check_spec("flash_memory_is_bounded_by_the_tile_size").kernels == ("flash_attention_forward",)
+    assert spec.check_spec("reference_memory_grows_quadratically").kernels == ()  # module code: the meter
 
 
 # --- mutants: each breaks the property its check names ------------------------------------------------
 
 ref_sdpa, ref_flash, ref_merge = M.scaled_dot_product_attention, M.flash_attention_forward, M.merge_softmax_states
-SHORT_SWEEP = {"memory_max_len": "1024", "min_memory_ratio": "5"}  # exact-math mutants: a short sweep
 
 
-def _audit(**kernels):
-    return audit_once("attention", overrides=SHORT_SWEEP, **kernels)
+def sdpa_unscaled(q, k, v, mask=None):
+    return ref_sdpa(q * math.sqrt(q.shape[-1]), k, v, mask)
 
 
-def test_mutant_sdpa_without_scale():
-    def unscaled(q, k, v, mask=None):
-        return ref_sdpa(q * math.sqrt(q.shape[-1]), k, v, mask)
-
-    assert_check_fails(_audit(scaled_dot_product_attention=unscaled), "reference_matches_torch_sdpa")
-
-
-def test_mutant_sdpa_softmax_over_queries():
-    def wrong_axis(q, k, v, mask=None):
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores, dim=-2).nan_to_num() @ v
-
-    assert_check_fails(_audit(scaled_dot_product_attention=wrong_axis), "attention_rows_sum_to_one")
+def sdpa_softmax_over_queries(q, k, v, mask=None):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-2).nan_to_num() @ v
 
 
-def _flash_variant(*, rescale_acc=True, mask_diagonal=True, guard=True):
+def flash_variant(*, rescale_acc=True, mask_diagonal=True, guard=True):
     """The reference tiled loop with one step optionally broken."""
     def flash(q, k, v, causal=False, window=None, block_q=64, block_k=64):
         B, H, Nq, d = q.shape
@@ -419,77 +441,151 @@ def _flash_variant(*, rescale_acc=True, mask_diagonal=True, guard=True):
     return flash
 
 
-def test_mutant_variant_is_correct_when_unbroken():  # so that each mutant below breaks exactly one step
-    assert _audit(flash_attention_forward=_flash_variant()).passed
+def flash_window_replaces_causality(q, k, v, causal=False, window=None, block_q=64, block_k=64):
+    if window is None:
+        return ref_flash(q, k, v, causal, None, block_q, block_k)
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    pos, keys = torch.arange(Nk - Nq, Nk)[:, None], torch.arange(Nk)[None, :]
+    return ref_sdpa(q, k, v, (keys - pos).abs() < window)  # |p - j| < W: sees the future too
 
 
-def test_mutant_flash_forgets_to_rescale_the_accumulator():
-    r = _audit(flash_attention_forward=_flash_variant(rescale_acc=False))
-    assert_check_fails(r, "flash_matches_reference")
+def flash_full_matrix(q, k, v, causal=False, window=None, block_q=64, block_k=64):
+    return ref_sdpa(q, k, v, M.attention_mask(q.shape[-2], k.shape[-2], causal, window))
 
 
-def test_mutant_flash_without_the_minus_inf_guard_gives_nan():
-    r = _audit(flash_attention_forward=_flash_variant(guard=False))
-    assert_check_fails(r, "flash_matches_reference")
-    assert "nan" in r.check("flash_matches_reference").measured
+def flash_with_workspace(q, k, v, causal=False, window=None, block_q=64, block_k=64):
+    workspace = torch.empty(16 * 2**20)  # 64 MiB "sized for the longest context", whatever N is
+    out = ref_flash(q, k, v, causal, window, block_q, block_k)
+    del workspace
+    return out
 
 
-def test_mutant_flash_unmasked_diagonal_tiles():
-    r = _audit(flash_attention_forward=_flash_variant(mask_diagonal=False))
-    assert_check_fails(r, "masked_keys_get_zero_weight")
+def flash_whole_rows(q, k, v, causal=False, window=None, block_q=64, block_k=64):
+    """Tiles the queries only: each (block_q, Nk) row block of scores at once, its mask built per block.
+    Exact, and linear in N -- but block_q x N, not block_q x block_k."""
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    for i0 in range(0, Nq, block_q):
+        i1 = min(i0 + block_q, Nq)
+        pos, keys = torch.arange(Nk - Nq + i0, Nk - Nq + i1)[:, None], torch.arange(Nk)[None, :]
+        allowed = ((keys <= pos) & ((keys > pos - window) if window is not None else True)) if causal else None
+        out[:, :, i0:i1] = ref_sdpa(q[:, :, i0:i1], k, v, allowed)
+    return out
 
 
-def test_mutant_window_replaces_causality():
-    def local_bidirectional(q, k, v, causal=False, window=None, block_q=64, block_k=64):
-        if window is None:
-            return ref_flash(q, k, v, causal, None, block_q, block_k)
-        Nq, Nk = q.shape[-2], k.shape[-2]
-        pos, keys = torch.arange(Nk - Nq, Nk)[:, None], torch.arange(Nk)[None, :]
-        return ref_sdpa(q, k, v, (keys - pos).abs() < window)  # |p - j| < W: sees the future too
-
-    r = _audit(flash_attention_forward=local_bidirectional)
-    assert_check_fails(r, "window_covering_sequence_equals_causal")
+def flash_whole_columns(q, k, v, causal=False, window=None, block_q=64, block_k=64):
+    """Tiles the keys only (every query against one key block): an (Nq, block_k) score tile."""
+    return ref_flash(q, k, v, causal, window, q.shape[-2], block_k)
 
 
-def test_mutant_merge_without_rescaling():
-    def naive_merge(m_a, l_a, acc_a, m_b, l_b, acc_b):
-        return torch.maximum(m_a, m_b), l_a + l_b, acc_a + acc_b
-
-    r = _audit(merge_softmax_states=naive_merge)
-    assert_check_fails(r, "online_softmax_merge_equals_full_softmax")
-
-
-def test_mutant_merge_without_guard():
-    def unguarded(m_a, l_a, acc_a, m_b, l_b, acc_b):
-        m = torch.maximum(m_a, m_b)
-        a, b = torch.exp(m_a - m), torch.exp(m_b - m)
-        return m, a * l_a + b * l_b, a[..., None] * acc_a + b[..., None] * acc_b
-
-    r = _audit(merge_softmax_states=unguarded)
-    assert_check_fails(r, "online_softmax_merge_equals_full_softmax")
-
-
-def test_mutant_repeat_kv_tiles_instead_of_interleaving():
-    r = _audit(repeat_kv=lambda x, n_rep: x.repeat(1, n_rep, 1, 1))
-    assert_check_fails(r, "gqa_repeat_kv_matches_per_group_attention")
-
-
-def test_mutant_flash_that_materialises_the_full_matrix():
-    def full_matrix(q, k, v, causal=False, window=None, block_q=64, block_k=64):
-        return ref_sdpa(q, k, v, M.attention_mask(q.shape[-2], k.shape[-2], causal, window))
-
-    r = audit_once("attention", flash_attention_forward=full_matrix)
-    assert r.check("flash_matches_reference").passed  # right values ...
-    assert_check_fails(r, "flash_memory_linear_reference_quadratic")  # ... quadratic memory
+def flash_fa1_order(q, k, v, causal=False, window=None, block_q=64, block_k=64):
+    """FlashAttention-1's loop order: key blocks outside, query blocks inside, (m, l, acc) kept for every
+    row. A legitimate tiled forward: O(N (d + 2)) state plus one tile."""
+    B, H, Nq, d = q.shape
+    Nk, offset = k.shape[-2], k.shape[-2] - q.shape[-2]
+    m = torch.full((B, H, Nq), float("-inf"), dtype=q.dtype)
+    l = torch.zeros(B, H, Nq, dtype=q.dtype)
+    acc = torch.zeros(B, H, Nq, v.shape[-1], dtype=q.dtype)
+    for j0 in range(0, Nk, block_k):
+        j1 = min(j0 + block_k, Nk)
+        for i0 in range(0, Nq, block_q):
+            i1 = min(i0 + block_q, Nq)
+            s = q[:, :, i0:i1] @ k[:, :, j0:j1].transpose(-2, -1) / math.sqrt(d)
+            if causal:
+                pos, keys = torch.arange(offset + i0, offset + i1)[:, None], torch.arange(j0, j1)[None, :]
+                ok = (keys <= pos) & ((keys > pos - window) if window is not None else True)
+                s = s.masked_fill(~ok, float("-inf"))
+            m_new = torch.maximum(m[:, :, i0:i1], s.amax(-1))
+            m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+            p, alpha = torch.exp(s - m_safe[..., None]), torch.exp(m[:, :, i0:i1] - m_safe)
+            l[:, :, i0:i1] = alpha * l[:, :, i0:i1] + p.sum(-1)
+            acc[:, :, i0:i1] = alpha[..., None] * acc[:, :, i0:i1] + p @ v[:, :, j0:j1]
+            m[:, :, i0:i1] = m_new
+    return acc / l[..., None]
 
 
-def test_mutant_flash_with_a_large_fixed_workspace():
-    def with_workspace(q, k, v, causal=False, window=None, block_q=64, block_k=64):
-        workspace = torch.empty(16 * 2**20)  # 64 MiB "sized for the longest context", whatever N is
-        out = ref_flash(q, k, v, causal, window, block_q, block_k)
-        del workspace
-        return out
+def merge_without_rescaling(m_a, l_a, acc_a, m_b, l_b, acc_b):
+    return torch.maximum(m_a, m_b), l_a + l_b, acc_a + acc_b
 
-    r = audit_once("attention", flash_attention_forward=with_workspace)
-    assert r.check("flash_memory_linear_reference_quadratic").passed  # still linear growth ...
-    assert_check_fails(r, "flash_peak_memory_far_below_reference")  # ... but no saving
+
+def merge_rescaling_only_l(m_a, l_a, acc_a, m_b, l_b, acc_b):
+    m, l, _ = ref_merge(m_a, l_a, acc_a, m_b, l_b, acc_b)
+    return m, l, acc_a + acc_b
+
+
+def merge_without_guard(m_a, l_a, acc_a, m_b, l_b, acc_b):
+    m = torch.maximum(m_a, m_b)
+    a, b = torch.exp(m_a - m), torch.exp(m_b - m)
+    return m, a * l_a + b * l_b, a[..., None] * acc_a + b[..., None] * acc_b
+
+
+def repeat_kv_tiled(x, n_rep):
+    return x.repeat(1, n_rep, 1, 1)
+
+
+def repeat_kv_over_sequence(x, n_rep):
+    return torch.repeat_interleave(x, n_rep, dim=2)
+
+
+def sweep_at_the_first_length(attend, seq_lens, head_dim, generator, dtype=torch.float32):
+    """A memory sweep whose inputs all have the first length (the loop variable is not used)."""
+    return M.memory_sweep(attend, [seq_lens[0]] * len(seq_lens), head_dim, generator, dtype)
+
+
+MUTANTS = [
+    Mutant("reference_matches_torch_sdpa", "no 1/sqrt(d)", {"scaled_dot_product_attention": sdpa_unscaled}),
+    Mutant("flash_matches_reference", "acc not rescaled",
+           {"flash_attention_forward": flash_variant(rescale_acc=False)}),
+    Mutant("flash_matches_reference", "no -inf guard", {"flash_attention_forward": flash_variant(guard=False)}),
+    Mutant("attention_rows_sum_to_one", "softmax over queries",
+           {"scaled_dot_product_attention": sdpa_softmax_over_queries}),
+    Mutant("masked_keys_get_zero_weight", "diagonal tiles unmasked",
+           {"flash_attention_forward": flash_variant(mask_diagonal=False)}),
+    Mutant("window_covering_sequence_equals_causal", "window replaces causality",
+           {"flash_attention_forward": flash_window_replaces_causality}),
+    Mutant("online_softmax_merge_equals_full_softmax", "no rescaling",
+           {"merge_softmax_states": merge_without_rescaling}),
+    Mutant("online_softmax_merge_equals_full_softmax", "no -inf guard", {"merge_softmax_states": merge_without_guard}),
+    Mutant("merge_matches_hand_worked_example", "acc not rescaled", {"merge_softmax_states": merge_rescaling_only_l}),
+    Mutant("empty_state_is_the_merge_identity", "no -inf guard", {"merge_softmax_states": merge_without_guard}),
+    Mutant("repeat_kv_matches_hand_worked_vector", "repeat, not interleave", {"repeat_kv": repeat_kv_tiled}),
+    Mutant("repeat_kv_equals_repeat_interleave", "repeated along the sequence", {"repeat_kv": repeat_kv_over_sequence}),
+    Mutant("gqa_repeat_kv_matches_per_group_attention", "repeat, not interleave", {"repeat_kv": repeat_kv_tiled}),
+    Mutant("flash_memory_grows_linearly", "full score matrix", {"flash_attention_forward": flash_full_matrix}),
+    Mutant("reference_memory_grows_quadratically", "sweep ignores N",
+           patch=lambda: mock.patch.object(MA, "memory_sweep", sweep_at_the_first_length)),
+    Mutant("flash_peak_memory_far_below_reference", "64 MiB workspace",
+           {"flash_attention_forward": flash_with_workspace}),
+    Mutant("flash_memory_is_bounded_by_the_tile_size", "whole rows of scores",
+           {"flash_attention_forward": flash_whole_rows}),
+    Mutant("flash_memory_is_bounded_by_the_tile_size", "whole columns of scores",
+           {"flash_attention_forward": flash_whole_columns}),
+]
+
+
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("attention", mutant)
+
+
+def test_every_check_has_a_mutant():
+    assert_every_check_has_a_mutant("attention", MUTANTS)
+
+
+def test_flash_variant_is_correct_when_unbroken():  # so that each mutant above breaks exactly one step
+    checks = ["flash_matches_reference", "masked_keys_get_zero_weight", "window_covering_sequence_equals_causal"]
+    assert audit_once("attention", only=checks, flash_attention_forward=flash_variant()).passed
+
+
+def test_whole_row_scores_are_exact_and_linear_but_not_tile_bounded():
+    """The blind spot the tile check closes: right values, linear growth, a large saving -- and yet
+    block_q x N scores at a time."""
+    r = audit_once("attention", flash_attention_forward=flash_whole_rows)
+    for name in ("flash_matches_reference", "masked_keys_get_zero_weight", "flash_memory_grows_linearly"):
+        assert r.check(name).passed, r.check(name)
+    assert r.check("flash_memory_is_bounded_by_the_tile_size").measured > 2 * M.AttentionConfig().max_tile_units
+
+
+def test_fa1_loop_order_is_a_legitimate_tiled_forward():
+    r = audit_once("attention", flash_attention_forward=flash_fa1_order)
+    assert r.passed, [c for c in r.checks if not c.passed]
