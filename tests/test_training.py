@@ -1,19 +1,22 @@
 """training: AdamW vs torch, schedule vs transformers, accumulation, clipping, checkpoints, the audit, mutants."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
-from conftest import assert_check_fails, audit_once
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import modules.training.training as TR
+from llmaudit.registry import get_audit
 from modules import training as M
 from modules import transformer as T
 
-FAST = {"steps": "12", "warmup_steps": "2", "eval_sequences": "16", "adam_compare_steps": "2", "resume_steps": "2"}
 TINY = T.ModelConfig(vocab_size=12, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=88)
 
 
@@ -28,20 +31,28 @@ def _batch(seed: int = 0, B: int = 6, L: int = 10):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adamw_is_bit_identical_to_torch(dtype):
-    torch.manual_seed(0)
-    ours_model = T.Transformer(TINY).to(dtype)
-    torch_model = copy.deepcopy(ours_model)
-    ours = M.AdamW(ours_model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    for step in range(15):
-        x, y = _batch(step)
-        for model, opt in ((ours_model, ours), (torch_model, theirs)):
-            nll, n = M.lm_nll(model, x, y)
-            (nll / n).backward()
-            opt.step()
-            opt.zero_grad()
-        for p, q in zip(ours_model.parameters(), torch_model.parameters()):
-            assert torch.equal(p, q), step
+    model = T.Transformer(TINY, generator=torch.Generator().manual_seed(0)).to(dtype)
+    diffs = M.adamw_vs_torch(model, lambda g: _batch(int(torch.randint(1000, (1,), generator=g))), 15,
+                             torch.Generator().manual_seed(1), lr=3e-3)
+    assert diffs == [0.0] * 15
+
+
+def test_adamw_vs_torch_sees_an_l2_adam():
+    def l2(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+        return M.adamw_step(param, grad + weight_decay * param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 0.0)
+
+    model = T.Transformer(TINY, generator=torch.Generator().manual_seed(0)).double()
+    diffs = M.adamw_vs_torch(model, lambda g: _batch(0), 3, torch.Generator().manual_seed(1), step_fn=l2)
+    assert min(diffs) > 1e-6
+
+
+def test_weight_decay_groups_decay_matrices_only():
+    model = torch.nn.ModuleDict({"lm": T.Transformer(TINY), "head": torch.nn.Linear(32, 1)})
+    decay, no_decay = M.weight_decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert [g["weight_decay"] for g in M.weight_decay_groups(torch.nn.Linear(3, 3, bias=False), 0.1)] == [0.1]
 
 
 @settings(max_examples=40, deadline=None)
@@ -159,6 +170,13 @@ def test_perplexity_of_uniform_and_perfect_models():
     assert abs(M.perplexity(perfect, targets) - 1.0) < 1e-12
 
 
+def test_entropy_given_last_token_is_the_rate_for_order_one_and_larger_for_order_two():
+    P1, pi1 = M.markov_chain(5, 1, 1.5, torch.Generator().manual_seed(0))
+    assert abs(M.entropy_given_last_token(P1, pi1) - M.entropy_rate(P1, pi1)) < 1e-12
+    P2, pi2 = M.markov_chain(5, 2, 1.5, torch.Generator().manual_seed(0))
+    assert M.entropy_given_last_token(P2, pi2) > M.entropy_rate(P2, pi2) + 0.1
+
+
 def test_markov_chain_entropy_rate_matches_empirical_nll():
     P, pi = M.markov_chain(5, 2, 1.5, torch.Generator().manual_seed(0))
     assert torch.allclose(P.sum(-1), torch.ones(25, dtype=torch.float64))
@@ -189,131 +207,51 @@ def test_resume_restores_everything(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), c[0].parameters()))
 
 
+# --- run() without the engine ----------------------------------------------------------------------
+
+
+def test_run_is_reproducible_and_learns():
+    cfg = M.TrainingConfig(steps=30, warmup_steps=3, eval_sequences=64)
+    results = []
+    for _ in range(2):
+        model = T.Transformer(T.ModelConfig(vocab_size=12, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=88),
+                              generator=torch.Generator().manual_seed(0))
+        results.append(M.run(cfg, torch.Generator().manual_seed(1), model=model))
+    a, b = results
+    assert a.history == b.history and a.perplexity == b.perplexity
+    assert a.history[-1]["loss"] < a.history[0]["loss"] - 0.3
+    assert a.optimal_perplexity < a.perplexity < a.uniform_perplexity
+
+
 # --- The audit -------------------------------------------------------------------------------------
 
 
-def test_audit_passes_toy_and_full():
+def test_audit_passes_toy():
     r = audit_once("training", "toy")
     assert r.passed, [c for c in r.checks if not c.passed] or r.error
-    for seed in (0, 1):
-        r = audit_once("training", "full", seed)
-        assert r.passed, [c for c in r.checks if not c.passed] or r.error
+    assert {c.kind for c in r.checks} == {"invariant", "outcome"}
+    assert "train/loss" in r.series and "held-out perplexity" in r.scalars
+
+
+@pytest.mark.slow
+def test_audit_passes_full():
+    r = audit_once("training", "full", 1)
+    assert r.passed, [c for c in r.checks if not c.passed] or r.error
 
 
 def test_same_seed_same_result():
-    assert audit_once("training", "toy", 2).to_dict() == audit_once("training", "toy", 2).to_dict()
+    first, second = audit_once("training", "toy", 2), audit_once("training", "toy", 2)
+    assert first.deterministic_dict() == second.deterministic_dict()
 
 
-# --- mutants ---------------------------------------------------------------------------------------
-
-ref_adamw, ref_schedule, ref_clip = M.adamw_step, M.cosine_schedule, M.clip_grad_global_norm
-
-
-def _fast(**kernels):
-    return audit_once("training", "toy", 0, overrides=FAST, **kernels)
-
-
-def test_mutant_adam_with_l2_instead_of_decoupled_decay():
-    def l2(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-        return ref_adamw(param, grad + weight_decay * param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 0.0)
-
-    assert_check_fails(_fast(adamw_step=l2), "adamw_matches_torch_adamw")
-
-
-def test_mutant_adam_eps_inside_sqrt():
-    def bad(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
-        param = param * (1 - lr * weight_decay)
-        m = beta1 * exp_avg + (1 - beta1) * grad
-        v = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-        denom = (v / (1 - beta2 ** step) + eps).sqrt()
-        return param - lr * m / (1 - beta1 ** step) / denom, m, v
-
-    assert_check_fails(_fast(adamw_step=bad), "adamw_matches_torch_adamw")
-
-
-def test_mutant_schedule_decays_to_zero():
-    def bad(step, total_steps, warmup_steps, max_lr, min_lr):
-        return ref_schedule(step, total_steps, warmup_steps, max_lr, 0.0)
-
-    assert_check_fails(_fast(cosine_schedule=bad), "lr_schedule_hits_endpoints")
-
-
-def test_mutant_schedule_full_cosine_period():
-    def bad(step, total_steps, warmup_steps, max_lr, min_lr):
-        if step < warmup_steps:
-            return max_lr * step / warmup_steps
-        p = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-        return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(2 * math.pi * p))
-
-    assert_check_fails(_fast(cosine_schedule=bad), "lr_schedule_is_monotone_in_each_phase")
-
-
-def test_mutant_schedule_linear_decay():
-    def linear(step, total_steps, warmup_steps, max_lr, min_lr):
-        if step < warmup_steps:
-            return max_lr * step / warmup_steps
-        p = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-        return max_lr - (max_lr - min_lr) * p
-
-    r = _fast(cosine_schedule=linear)
-    assert r.check("lr_schedule_hits_endpoints").passed and r.check("lr_schedule_is_monotone_in_each_phase").passed
-    assert_check_fails(r, "lr_schedule_decay_is_cosine")
-
-
-def test_mutant_accumulation_averages_micro_batch_means(monkeypatch):
-    def mean_of_means(model, inputs, targets, micro_batches, loss_fn=M.lm_nll):
-        for x, y in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
-            nll, n = loss_fn(model, x, y)
-            (nll / n / micro_batches).backward()
-        return 0.0
-
-    monkeypatch.setattr(M, "accumulate_gradients", mean_of_means)
-    assert_check_fails(_fast(), "grad_accumulation_equals_big_batch")
-
-
-def test_mutant_clip_each_tensor_separately():
-    def per_tensor(grads, max_norm):
-        return [g * (max_norm / (g.norm() + 1e-6)).clamp(max=1.0) for g in grads], ref_clip(grads, max_norm)[1]
-
-    assert_check_fails(_fast(clip_grad_global_norm=per_tensor), "clip_matches_torch_clip_grad_norm")
-
-
-def test_mutant_clip_scales_small_gradients_up():
-    def always(grads, max_norm):
-        total = torch.stack([g.norm() for g in grads]).norm()
-        return [g * max_norm / (total + 1e-6) for g in grads], total
-
-    assert_check_fails(_fast(clip_grad_global_norm=always), "clip_matches_torch_clip_grad_norm")
-
-
-def test_mutant_perplexity_averaged_per_sequence(monkeypatch):
-    def per_sequence(logits, targets, ignore_index=M.IGNORE_INDEX):
-        ppls = [math.exp(M.token_nll(lg, t)[0].item() / max(1, int((t != ignore_index).sum())))
-                for lg, t in zip(logits, targets)]
-        return sum(ppls) / len(ppls)
-
-    monkeypatch.setattr(M, "perplexity", per_sequence)
-    assert_check_fails(_fast(), "perplexity_is_exp_mean_nll")
-
-
-def test_mutant_checkpoint_forgets_optimizer_state(monkeypatch):
-    real = M.load_checkpoint
-
-    def forgetful(path, model, optimizer, scheduler, generator):
-        step = real(path, model, optimizer, scheduler, generator)
-        optimizer.state = {}  # Adam moments and step counts lost
-        return step
-
-    monkeypatch.setattr(M, "load_checkpoint", forgetful)
-    assert_check_fails(_fast(), "resume_from_checkpoint_is_bit_identical")
-
-
-def test_mutant_too_few_steps_does_not_reach_the_entropy_rate():
-    assert_check_fails(_fast(), "markov_perplexity_near_entropy_rate")
+def test_grad_accumulation_and_perplexity_checks_claim_no_kernel():
+    spec = get_audit("training")
+    assert spec.check_spec("grad_accumulation_equals_big_batch").kernels == ()
+    assert spec.check_spec("perplexity_is_exp_mean_nll").kernels == ()
 
 
 def test_other_correct_kernels_pass():
-    """A textbook AdamW, clipping without torch's 1e-6 and a differently written schedule all pass."""
+    """A textbook AdamW, clipping without torch's 1e-6 and a differently written schedule pass every invariant."""
     def textbook(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
         m = beta1 * exp_avg + (1 - beta1) * grad
         v = beta2 * exp_avg_sq + (1 - beta2) * grad ** 2
@@ -331,5 +269,156 @@ def test_other_correct_kernels_pass():
         ratio = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
 
-    r = _fast(adamw_step=textbook, clip_grad_global_norm=clip_plain, cosine_schedule=schedule)
-    assert all(c.passed for c in r.checks if c.kind == "invariant"), [c for c in r.checks if not c.passed]
+    invariants = [c.name for c in get_audit("training").checks_for("toy") if c.kind == "invariant"]
+    r = audit_once("training", "toy", 0, only=invariants, adamw_step=textbook, clip_grad_global_norm=clip_plain,
+                   cosine_schedule=schedule)
+    assert r.passed, [(c.name, c.measured_text) for c in r.checks if not c.passed]
+
+
+# --- Mutants: each breaks the property its check names, on every seed ------------------------------
+
+ref_adamw, ref_schedule, ref_clip = M.adamw_step, M.cosine_schedule, M.clip_grad_global_norm
+
+
+def _patch(name, new):
+    """Replace a function of modules/training/training.py, also where the package re-exports it."""
+    def enter():
+        stack = contextlib.ExitStack()
+        stack.enter_context(mock.patch.object(TR, name, new))
+        stack.enter_context(mock.patch.object(M, name, new))
+        return stack
+    return enter
+
+
+def adam_l2(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    return ref_adamw(param, grad + weight_decay * param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 0.0)
+
+
+def adam_eps_inside_sqrt(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    param = param * (1 - lr * weight_decay)
+    m = beta1 * exp_avg + (1 - beta1) * grad
+    v = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    return param - lr * m / (1 - beta1 ** step) / (v / (1 - beta2 ** step) + eps).sqrt(), m, v
+
+
+def adam_no_bias_correction(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    param = param * (1 - lr * weight_decay)
+    m = beta1 * exp_avg + (1 - beta1) * grad
+    v = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    return param - lr * m / (v.sqrt() + eps), m, v
+
+
+def adam_no_decay(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    return ref_adamw(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 0.0)
+
+
+def decay_everything(model, weight_decay):
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+
+def schedule_to_zero(step, total_steps, warmup_steps, max_lr, min_lr):
+    return ref_schedule(step, total_steps, warmup_steps, max_lr, 0.0)
+
+
+def schedule_full_period(step, total_steps, warmup_steps, max_lr, min_lr):
+    if step < warmup_steps:
+        return max_lr * step / warmup_steps
+    p = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(2 * math.pi * p))
+
+
+def schedule_linear(step, total_steps, warmup_steps, max_lr, min_lr):
+    if step < warmup_steps:
+        return max_lr * step / warmup_steps
+    return max_lr - (max_lr - min_lr) * min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+
+
+_real_train = TR.train
+
+
+def train_scheduler_first(model, next_batch, optimizer, scheduler, steps, **kwargs):
+    """The loop with scheduler.step() before optimizer.step(): step s runs at lr(s + 1)."""
+    class Early:
+        def step(self):
+            pass
+
+    def step_then_optimize():
+        scheduler.step()
+        real_step()
+
+    real_step = optimizer.step
+    optimizer.step = step_then_optimize
+    try:
+        return _real_train(model, next_batch, optimizer, Early(), steps, **kwargs)
+    finally:
+        optimizer.step = real_step
+
+
+def accumulate_mean_of_means(model, inputs, targets, micro_batches, loss_fn=M.lm_nll):
+    for x, y in zip(inputs.chunk(micro_batches), targets.chunk(micro_batches)):
+        nll, n = loss_fn(model, x, y)
+        (nll / n / micro_batches).backward()
+    return 0.0
+
+
+def clip_per_tensor(grads, max_norm):
+    return [g * (max_norm / (g.norm() + 1e-6)).clamp(max=1.0) for g in grads], ref_clip(grads, max_norm)[1]
+
+
+def clip_always_rescales(grads, max_norm):
+    total = torch.stack([g.norm() for g in grads]).norm()
+    return [g * max_norm / (total + 1e-6) for g in grads], total
+
+
+def perplexity_per_sequence(logits, targets, ignore_index=M.IGNORE_INDEX):
+    ppls = [math.exp(M.token_nll(lg, t)[0].item() / max(1, int((t != ignore_index).sum())))
+            for lg, t in zip(logits, targets)]
+    return sum(ppls) / len(ppls)
+
+
+_real_load = TR.load_checkpoint
+
+
+def load_forgetting_optimizer_state(path, model, optimizer, scheduler, generator):
+    step = _real_load(path, model, optimizer, scheduler, generator)
+    optimizer.state = {}  # Adam moments and step counts lost
+    return step
+
+
+MUTANTS = [
+    Mutant("adamw_matches_torch_adamw", "L2 instead of decoupled decay", {"adamw_step": adam_l2}),
+    Mutant("adamw_matches_torch_adamw", "eps inside the sqrt", {"adamw_step": adam_eps_inside_sqrt}),
+    Mutant("first_step_moves_every_weight_by_lr", "no bias correction", {"adamw_step": adam_no_bias_correction}),
+    Mutant("weight_decay_skips_gains_and_biases", "decay on every parameter", patch=_patch("weight_decay_groups",
+                                                                                          decay_everything)),
+    Mutant("weight_decay_skips_gains_and_biases", "weight decay ignored", {"adamw_step": adam_no_decay}),
+    Mutant("lr_schedule_hits_endpoints", "decays to 0, not min_lr", {"cosine_schedule": schedule_to_zero}),
+    Mutant("lr_schedule_is_monotone_in_each_phase", "a full cosine period", {"cosine_schedule": schedule_full_period}),
+    Mutant("lr_schedule_decay_is_cosine", "linear decay", {"cosine_schedule": schedule_linear}),
+    Mutant("optimizer_step_uses_the_lr_of_its_step", "scheduler stepped before the optimizer",
+           patch=_patch("train", train_scheduler_first)),
+    Mutant("grad_accumulation_equals_big_batch", "mean of micro-batch means",
+           patch=_patch("accumulate_gradients", accumulate_mean_of_means)),
+    Mutant("clip_matches_torch_clip_grad_norm", "each tensor clipped alone",
+           {"clip_grad_global_norm": clip_per_tensor}),
+    Mutant("clip_matches_torch_clip_grad_norm", "small gradients scaled up",
+           {"clip_grad_global_norm": clip_always_rescales}),
+    Mutant("clipped_global_norm_equals_max_norm", "each tensor clipped alone",
+           {"clip_grad_global_norm": clip_per_tensor}),
+    Mutant("clip_leaves_small_gradients_unchanged", "small gradients scaled up",
+           {"clip_grad_global_norm": clip_always_rescales}),
+    Mutant("perplexity_is_exp_mean_nll", "mean of per-sequence perplexities",
+           patch=_patch("perplexity", perplexity_per_sequence)),
+    Mutant("resume_from_checkpoint_is_bit_identical", "optimizer state not restored",
+           patch=_patch("load_checkpoint", load_forgetting_optimizer_state)),
+    Mutant("markov_perplexity_near_entropy_rate", "12 optimizer steps", overrides={"steps": "12", "warmup_steps": "2"}),
+]
+
+
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("training", mutant)
+
+
+def test_every_check_has_a_mutant():
+    assert_every_check_has_a_mutant("training", MUTANTS)

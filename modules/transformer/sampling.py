@@ -5,6 +5,9 @@
     top-p        keep the smallest set of most likely tokens whose mass is >= p (the nucleus)
     penalty      for tokens already generated: z -> z / r if z > 0 else z * r   (CTRL, HF's convention)
 Order per step (as HF): repetition penalty -> temperature -> top-k -> top-p -> sample.
+
+Builds on: transformer.py (the model and its KV cache). Deviations from HF's logits warpers: top-k
+keeps exactly k tokens (ties to the lowest index) where HF keeps every token tied with the k-th.
 """
 from __future__ import annotations
 
@@ -20,10 +23,14 @@ __all__ = ["top_k_filter", "top_p_filter", "apply_repetition_penalty", "sample_n
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row and set the others to -inf.
 
-    logits: (..., V) float; 1 <= k <= V. Exactly k entries per row stay finite (ties at the k-th
-    value are broken by index, so a row never keeps more than k). Returns a new tensor, same shape.
+    logits: (..., V) float; 1 <= k <= V. Exactly k entries per row stay finite, unchanged. Ties at the
+    k-th value go to the LOWEST indices: rank the row by a stable descending sort (equal logits keep
+    their vocabulary order) and keep the first k. (HF's TopKLogitsWarper and nanoGPT threshold at the
+    k-th value instead, which keeps every tied token: more than k. torch.topk makes no promise about
+    which of several tied entries it returns.) Returns a new tensor of the same shape.
     """
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
+    order = logits.sort(dim=-1, descending=True, stable=True).indices  # (..., V) ranks, ties by index
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order[..., :k], True)
     return logits.masked_fill(~keep, float("-inf"))
 
 
@@ -33,8 +40,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     logits: (..., V) float; p in (0, 1]. With probs = softmax(logits) sorted in decreasing order, a
     token is kept iff the mass of the tokens ranked strictly before it is < p. So the token whose
     probability carries the cumulative mass across p is kept (dropping it would leave mass < p),
-    and the most likely token is always kept. Removed entries become -inf; returns the same shape.
+    and the most likely token is always kept. p = 1 keeps every token: a float cumulative sum
+    reaches 1.0 early when the tail is below its rounding error (float32 [30, 0, 0, 0] sums to
+    exactly 1 after the first token), so it is not consulted there. Removed entries become -inf;
+    returns a new tensor of the same shape.
     """
+    if p >= 1.0:
+        return logits.clone()
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # exclusive cumulative sum

@@ -77,14 +77,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """RMSNorm over the last axis: y = x / sqrt(mean(x^2) + eps) * weight.
 
     x: (..., d); weight: (d,) the learned gain g (initialised to ones); eps is added INSIDE the
-    square root. No mean subtraction and no bias (that would be LayerNorm). Half-precision input is
-    normalised in float32 and cast back before the gain, as HF Llama does. Returns x's shape and dtype.
-    With weight = 1 every output row has root-mean-square 1 (up to eps).
+    square root. No mean subtraction and no bias (that would be LayerNorm). Half-precision input
+    (float16, bfloat16) is normalised in float32 -- x^2 overflows float16 beyond |x| = 256 -- and cast
+    back to its dtype before the gain, as HF Llama does. Returns x's shape and x's dtype, whatever the
+    gain's dtype. With weight = 1 every output row has root-mean-square 1 (up to eps).
     """
     dtype = x.dtype
     h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    return (weight * h.to(dtype)).to(dtype)  # a float32 gain times bfloat16 would promote to float32
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -230,7 +231,8 @@ class Transformer(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, V). Pass a KVCache to decode incrementally:
     then ``tokens`` are only the new tokens, placed after the ``cache.length`` already stored."""
 
-    def __init__(self, cfg: ModelConfig, *, rope_fn: Callable = apply_rope, norm_fn: Callable = rms_norm):
+    def __init__(self, cfg: ModelConfig, *, rope_fn: Callable = apply_rope, norm_fn: Callable = rms_norm,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -239,7 +241,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std, generator=generator)  # None: global RNG
         if cfg.tie_embeddings:  # one (V, d) matrix both reads tokens in and scores them out
             self.lm_head.weight = self.embed_tokens.weight
 
