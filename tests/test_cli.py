@@ -212,7 +212,8 @@ def test_check_runs_only_the_checks_that_call_the_kernel(tmp_path):
     mine = {c.name for c in get_audit("mdp").checks_of_kernel(KERNEL, "toy")}
     data = as_json(invoke("check", KERNEL, write(tmp_path, CORRECT), "--json"))
     assert {c["name"] for c in data["checks"]} == mine and all(KERNEL in c["kernels"] for c in data["checks"])
-    assert set(data["module_checks_not_run"]).isdisjoint(mine)
+    assert set(data["module_checks_not_run"]).isdisjoint(mine) and set(data["other_kernels_checks_not_run"]).isdisjoint(mine)
+    assert "transition_rows_sum_to_one" in data["module_checks_not_run"]
     assert data["calls"]["calls"] > 0
 
 

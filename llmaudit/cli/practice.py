@@ -91,7 +91,8 @@ def check(
             err().print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(FAILED)
         mine = [c.name for c in spec.checks_of_kernel(k.name, mode)]
-        others = [c.name for c in spec.checks_for(mode) if c.name not in mine]
+        other_kernels = [c.name for c in spec.checks_for(mode) if c.name not in mine and c.kernels]
+        module_only = [c.name for c in spec.checks_for(mode) if not c.kernels]
         spy = KernelSpy(fn, k)
         with progress_bar(json_mode) as bar:
             task = bar.add_task(f"{len(mine)} checks of {k.module} with your {k.name}", total=1.0)
@@ -101,7 +102,8 @@ def check(
     findings = spy.findings()
     if json_mode:
         emit_json("llmaudit.check/v1", record_payload(rec) | {"kernel": k.name, "file": str(file),
-                                                               "module_checks_not_run": others,
+                                                               "other_kernels_checks_not_run": other_kernels,
+                                                               "module_checks_not_run": module_only,
                                                                "calls": spy.to_dict(), "findings": findings})
     else:
         out().print(f"[bold]{k.module}[/]: the {len(mine)} checks that call [bold]{k.name}[/], with yours from "
@@ -109,8 +111,11 @@ def check(
         print_record(rec, explain=True)
         for line in findings:
             out().print(f"[bold yellow]note:[/] {escape(line)}", soft_wrap=True)
-        if others:
-            out().print(f"[dim]module checks, not about your code (not run): {', '.join(others)}[/]", soft_wrap=True)
+        if other_kernels:
+            out().print(f"[dim]checks of the module's other kernels (not run): {', '.join(other_kernels)}[/]",
+                        soft_wrap=True)
+        if module_only:
+            out().print(f"[dim]module checks, not about your code (not run): {', '.join(module_only)}[/]", soft_wrap=True)
         if rec.passed:
             out().print(f"[bold green]your {k.name} passes all {len(rec.checks)} checks that call it[/]")
         else:
