@@ -1,18 +1,21 @@
 """td module (day 2): kernels, the tensor CliffWalking, the learning loops, and its audit with mutants."""
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
-from conftest import assert_check_fails, audit_once
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import modules.td
+import modules.td.td as TT  # the module whose globals the functions look up (for patches)
 from modules import mdp
 from modules import td as M
 
 D = mdp.DTYPE
-FAST = {"steps": "60", "eval_steps": "20", "qstar_steps": "20"}  # for mutants of the invariant checks
 
 
 def t(values, dtype=D):
@@ -26,7 +29,7 @@ def q_tables(draw_rows: int = 6, n_actions: int = 4):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Kernels: hand-worked anchors (rl-anchors section 1)
+# Kernels: hand-worked anchors (Sutton & Barto's definitions; CleanRL's terminal convention)
 
 
 def test_anchor_targets_and_update():
@@ -113,18 +116,29 @@ def test_target_orderings_and_special_cases(q, gamma, eps, shift):
                           M.sarsa_target(r, q[:, :1], torch.zeros(B, dtype=torch.long), live, gamma))
 
 
+next_values = st.sampled_from([float("inf"), float("-inf"), float("nan"), 1e6, -1e6, 0.0, 2.5])
+
+
 @settings(max_examples=40, deadline=None)
-@given(q=q_tables(), seed=st.integers(0, 10_000))
-def test_terminal_targets_are_the_reward(q, seed):
+@given(seed=st.integers(0, 10_000), values=st.lists(st.lists(next_values, min_size=3, max_size=3), min_size=1,
+                                                     max_size=6), gamma=st.floats(0.0, 1.0))
+def test_terminal_targets_are_the_reward_whatever_the_next_values(seed, values, gamma):
+    """y = r exactly at a terminal step, even when Q(s') holds inf or NaN (torch.where, not 1 - d)."""
     g = torch.Generator().manual_seed(seed)
-    B, A = q.shape
+    big = t(values)
+    B, A = big.shape
     r, done = torch.randn(B, generator=g, dtype=D), torch.ones(B, dtype=D)
-    big = q * 1e6
-    probs = M.epsilon_greedy_probs(q, 0.1)
-    for y in (M.td0_target(r, big[:, 0], done, 0.99), M.q_learning_target(r, big, done, 0.99),
-              M.sarsa_target(r, big, torch.zeros(B, dtype=torch.long), done, 0.99),
-              M.expected_sarsa_target(r, big, probs, done, 0.99)):
+    probs = torch.softmax(torch.randn(B, A, generator=g, dtype=D), -1)
+    for y in (M.td0_target(r, big[:, 0], done, gamma), M.q_learning_target(r, big, done, gamma),
+              M.sarsa_target(r, big, torch.randint(A, (B,), generator=g), done, gamma),
+              M.expected_sarsa_target(r, big, probs, done, gamma)):
         assert torch.equal(y, r)
+
+
+def test_non_terminal_nan_still_propagates():
+    nan = t([[float("nan"), 1.0]])
+    assert torch.isnan(M.q_learning_target(t([1.0]), nan, t([0.0]), 0.9)).all()
+    assert torch.isnan(M.td0_target(t([1.0]), nan[:, 0], t([0.0]), 0.9)).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -236,7 +250,7 @@ def test_greedy_rollout_finds_the_edge_path_and_detects_loops():
 
 
 def test_td0_learns_the_value_of_a_self_loop():
-    """Single state, reward 1, gamma = 0.9: V = 1 / (1 - 0.9) = 10 (rl-anchors section 1, vector 5)."""
+    """Single state, reward 1, gamma = 0.9: V = 1 / (1 - 0.9) = 10, the geometric sum."""
     loop = mdp.TabularMDP(P=torch.ones(1, 1, 1, dtype=D), R=torch.ones(1, 1, dtype=D), gamma=0.9,
                           terminal=torch.zeros(1, dtype=torch.bool), start=torch.ones(1, dtype=D))
     V, _, _ = M.td0_evaluation(loop, torch.ones(1, 1, dtype=D), 4, 3000, 20.0, torch.Generator().manual_seed(0))
@@ -271,6 +285,17 @@ def test_config_rejects_bad_values():
         M.TDConfig(anneal_from=1.0)
 
 
+def test_experiments_and_run_are_seeded():
+    cfg = M.TDConfig(n_agents=2, steps=200, eval_agents=8, eval_steps=50, qstar_agents=2, qstar_steps=50)
+    a, b = M.run(cfg, torch.Generator().manual_seed(0)), M.run(cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(a.td0.history, b.td0.history) and torch.equal(a.q_star.history, b.q_star.history)
+    assert a.td0.mean_error.shape == a.td0.checkpoints.shape
+    assert a.q_star.error.shape == a.q_star.checkpoints.shape
+    for name in M.ALGORITHMS:
+        assert torch.equal(a.cliff.Q[name], b.cliff.Q[name])
+        assert [x.shape for x in a.greedy[name]] == [(2,)] * 3
+
+
 # ---------------------------------------------------------------------------------------------------
 # The audit: passes, is deterministic, and every check can fail
 
@@ -278,7 +303,7 @@ def test_config_rejects_bad_values():
 def test_audit_passes_in_toy_mode():
     result = audit_once("td", "toy", 0)
     assert result.error is None
-    assert result.passed, [(c.name, c.measured) for c in result.checks if not c.passed]
+    assert result.passed, [(c.name, c.measured_text) for c in result.checks if not c.passed]
     assert {"charts/episodic_return/q_learning", "charts/episodic_return/sarsa"} <= set(result.series)
 
 
@@ -286,35 +311,37 @@ def test_audit_passes_in_toy_mode():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_audit_passes_in_full_mode(seed):
     result = audit_once("td", "full", seed)
-    assert result.passed, [(c.name, c.measured) for c in result.checks if not c.passed]
+    assert result.passed, [(c.name, c.measured_text) for c in result.checks if not c.passed]
 
 
 def test_same_seed_same_result():
-    assert audit_once("td", "toy", 3).to_dict() == audit_once("td", "toy", 3).to_dict()
+    assert audit_once("td", "toy", 3).deterministic_dict() == audit_once("td", "toy", 3).deterministic_dict()
 
 
-def test_mutant_tensor_env_ends_episode_at_the_cliff(monkeypatch):
-    real = M.make_cliff_env
-
-    def cliff_terminates():
-        env, gym_env = real()
-        env.terminated[env.reward == -100] = 1.0  # a common misreading of CliffWalking
-        return env, gym_env
-
-    monkeypatch.setattr(modules.td, "make_cliff_env", cliff_terminates)
-    assert_check_fails(audit_once("td", overrides=FAST), "tensor_cliff_matches_gymnasium")
+def patched(name: str, fn):
+    """Replace a module function both where the package exports it and where the module looks it up."""
+    def enter():
+        stack = contextlib.ExitStack()
+        stack.enter_context(mock.patch.object(TT, name, fn))
+        stack.enter_context(mock.patch.object(modules.td, name, fn))
+        return stack
+    return enter
 
 
-def test_mutant_tensor_env_without_autoreset(monkeypatch):
-    real = M.make_cliff_env
+real_make_cliff_env = M.make_cliff_env
 
-    def no_reset():
-        env, gym_env = real()
-        env.next_state_autoreset = env.next_state.clone()
-        return env, gym_env
 
-    monkeypatch.setattr(modules.td, "make_cliff_env", no_reset)
-    assert_check_fails(audit_once("td", overrides=FAST), "tensor_cliff_matches_gymnasium")
+def cliff_terminates():  # a common misreading of CliffWalking: the fall ends the episode
+    env, gym_env = real_make_cliff_env()
+    env.terminated[env.reward == -100] = 1.0
+    env.next_state_autoreset = torch.where(env.terminated.bool(), env.start_state, env.next_state)
+    return env, gym_env
+
+
+def no_autoreset():
+    env, gym_env = real_make_cliff_env()
+    env.next_state_autoreset = env.next_state.clone()
+    return env, gym_env
 
 
 def argmax_one_hot(q_values, epsilon):  # ties are not split: the first maximum takes everything
@@ -322,89 +349,77 @@ def argmax_one_hot(q_values, epsilon):  # ties are not split: the first maximum 
     return epsilon / q_values.shape[-1] + (1 - epsilon) * greedy
 
 
-def test_mutant_epsilon_greedy_without_tie_split():
-    assert_check_fails(audit_once("td", overrides=FAST, epsilon_greedy_probs=argmax_one_hot),
-                       "epsilon_greedy_probs_match_definition")
-
-
 def q_learning_mean(reward, next_q, terminated, gamma):  # averages instead of maximising
-    return reward + gamma * (1 - terminated) * next_q.mean(-1)
-
-
-def test_mutant_q_learning_target_mean():
-    assert_check_fails(audit_once("td", overrides=FAST, q_learning_target=q_learning_mean),
-                       "q_learning_target_matches_hand_computed")
-
-
-def sarsa_with_max(reward, next_q, next_action, terminated, gamma):  # that is Q-learning
-    return reward + gamma * (1 - terminated) * next_q.max(-1).values
-
-
-def test_mutant_sarsa_target_uses_max():
-    assert_check_fails(audit_once("td", overrides=FAST, sarsa_target=sarsa_with_max),
-                       "sarsa_target_matches_hand_computed")
-
-
-def expected_sarsa_uniform(reward, next_q, next_probs, terminated, gamma):  # ignores the policy
-    return reward + gamma * (1 - terminated) * next_q.mean(-1)
-
-
-def test_mutant_expected_sarsa_ignores_policy():
-    assert_check_fails(audit_once("td", overrides=FAST, expected_sarsa_target=expected_sarsa_uniform),
-                       "expected_sarsa_target_matches_hand_computed")
-
-
-def td0_discounts_reward(reward, next_value, terminated, gamma):  # gamma on the wrong term
-    return gamma * reward + (1 - terminated) * next_value
-
-
-def test_mutant_td0_target_discounts_reward():
-    assert_check_fails(audit_once("td", overrides=FAST, td0_target=td0_discounts_reward),
-                       "td0_target_matches_hand_computed")
-
-
-def td_update_adds_target(estimate, target, alpha):  # x + alpha * target
-    return estimate + alpha * target
-
-
-def test_mutant_td_update_adds_target():
-    assert_check_fails(audit_once("td", overrides=FAST, td_update=td_update_adds_target),
-                       "td_update_matches_hand_computed")
+    return reward + gamma * torch.where(terminated.bool(), 0.0, next_q.mean(-1))
 
 
 def q_learning_no_mask(reward, next_q, terminated, gamma):  # bootstraps through the episode end
     return reward + gamma * next_q.max(-1).values
 
 
-def test_mutant_target_bootstraps_after_terminal():
-    assert_check_fails(audit_once("td", overrides=FAST, q_learning_target=q_learning_no_mask),
-                       "terminal_transition_ignores_next_state")
+def q_learning_multiplied_mask(reward, next_q, terminated, gamma):  # 0 * inf = NaN at a terminal step
+    return reward + gamma * (1.0 - terminated) * next_q.max(-1).values
 
 
-def td0_without_gamma(reward, next_value, terminated, gamma):  # gamma dropped: V^pi diverges
-    return reward + (1 - terminated) * next_value
+def sarsa_multiplied_mask(reward, next_q, next_action, terminated, gamma):
+    return reward + gamma * (1.0 - terminated) * next_q.gather(-1, next_action[:, None]).squeeze(-1)
 
 
-def test_mutant_td0_without_discount():
-    assert_check_fails(audit_once("td", td0_target=td0_without_gamma), "td0_converges_to_v_pi")
+def sarsa_with_max(reward, next_q, next_action, terminated, gamma):  # that is Q-learning
+    return reward + gamma * torch.where(terminated.bool(), 0.0, next_q.max(-1).values)
 
 
-def test_mutant_q_learning_mean_learns_neither_q_star_nor_the_edge_path():
-    result = audit_once("td", q_learning_target=q_learning_mean)
-    assert_check_fails(result, "q_learning_converges_to_q_star")
-    assert_check_fails(result, "q_learning_greedy_path_is_cliff_edge_optimum")
-
-
-def test_mutant_sarsa_with_max_hugs_the_edge():
-    result = audit_once("td", sarsa_target=sarsa_with_max)
-    assert_check_fails(result, "sarsa_greedy_path_is_safe")
-    assert_check_fails(result, "sarsa_online_return_beats_q_learning")
+def expected_sarsa_uniform(reward, next_q, next_probs, terminated, gamma):  # ignores the policy
+    return reward + gamma * torch.where(terminated.bool(), 0.0, next_q.mean(-1))
 
 
 def expected_sarsa_with_max(reward, next_q, next_probs, terminated, gamma):  # that is Q-learning
-    return reward + gamma * (1 - terminated) * next_q.max(-1).values
+    return reward + gamma * torch.where(terminated.bool(), 0.0, next_q.max(-1).values)
 
 
-def test_mutant_expected_sarsa_with_max_hugs_the_edge():
-    assert_check_fails(audit_once("td", expected_sarsa_target=expected_sarsa_with_max),
-                       "expected_sarsa_greedy_path_is_safe")
+def td0_discounts_reward(reward, next_value, terminated, gamma):  # gamma on the wrong term
+    return gamma * reward + torch.where(terminated.bool(), 0.0, next_value)
+
+
+def td0_without_gamma(reward, next_value, terminated, gamma):  # gamma dropped: V^pi diverges
+    return reward + torch.where(terminated.bool(), 0.0, next_value)
+
+
+def td_update_adds_target(estimate, target, alpha):  # x + alpha * target
+    return estimate + alpha * target
+
+
+MUTANTS = [
+    Mutant("tensor_cliff_matches_gymnasium", "the fall ends the episode", patch=patched("make_cliff_env",
+                                                                                        cliff_terminates)),
+    Mutant("tensor_cliff_matches_gymnasium", "no auto-reset", patch=patched("make_cliff_env", no_autoreset)),
+    Mutant("epsilon_greedy_probs_match_definition", "ties not split", {"epsilon_greedy_probs": argmax_one_hot}),
+    Mutant("q_learning_target_matches_hand_computed", "mean over a'", {"q_learning_target": q_learning_mean}),
+    Mutant("sarsa_target_matches_hand_computed", "max over a'", {"sarsa_target": sarsa_with_max}),
+    Mutant("expected_sarsa_target_matches_hand_computed", "policy ignored",
+           {"expected_sarsa_target": expected_sarsa_uniform}),
+    Mutant("td0_target_matches_hand_computed", "gamma on the reward", {"td0_target": td0_discounts_reward}),
+    Mutant("td_update_matches_hand_computed", "x + alpha * target", {"td_update": td_update_adds_target}),
+    Mutant("terminal_transition_ignores_next_state", "no terminal mask", {"q_learning_target": q_learning_no_mask}),
+    Mutant("terminal_target_ignores_non_finite_next_values", "mask multiplied (Q-learning)",
+           {"q_learning_target": q_learning_multiplied_mask}),
+    Mutant("terminal_target_ignores_non_finite_next_values", "mask multiplied (SARSA)",
+           {"sarsa_target": sarsa_multiplied_mask}),
+    Mutant("expected_sarsa_reduces_to_q_learning_and_sarsa", "policy ignored",
+           {"expected_sarsa_target": expected_sarsa_uniform}),
+    Mutant("td0_converges_to_v_pi", "gamma dropped", {"td0_target": td0_without_gamma}),
+    Mutant("q_learning_converges_to_q_star", "mean over a'", {"q_learning_target": q_learning_mean}),
+    Mutant("q_learning_greedy_path_is_cliff_edge_optimum", "mean over a'", {"q_learning_target": q_learning_mean}),
+    Mutant("sarsa_greedy_path_is_safe", "max over a'", {"sarsa_target": sarsa_with_max}),
+    Mutant("expected_sarsa_greedy_path_is_safe", "max over a'", {"expected_sarsa_target": expected_sarsa_with_max}),
+    Mutant("sarsa_online_return_beats_q_learning", "max over a'", {"sarsa_target": sarsa_with_max}),
+]
+
+
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("td", mutant)
+
+
+def test_every_check_has_a_mutant():
+    assert_every_check_has_a_mutant("td", MUTANTS)

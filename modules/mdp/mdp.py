@@ -7,7 +7,9 @@
 Builds on: nothing (day 1).
 Deviations: rewards are expected rewards R(s,a) = sum_s' P(s'|s,a) r(s,a,s'); a terminal state is
 absorbing (a self-loop with zero reward), which is the same as "no bootstrap after done" for every
-gamma < 1. Everything is float64, so fixed points can be checked to 1e-10.
+gamma < 1. Everything is float64, so fixed points can be checked to 1e-10. The experiment
+(``run``) solves FrozenLake and a gridworld by value and policy iteration, then rolls the optimal
+policy out in the real gymnasium env.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from typing import Callable, Literal
 import torch
 
 __all__ = [
-    "DTYPE", "FORMULAS", "MDPConfig", "TabularMDP", "Solution",
-    "from_transition_table", "frozen_lake", "gridworld", "random_mdp", "random_policy",
+    "DTYPE", "FORMULAS", "MDPConfig", "TabularMDP", "Solution", "MDPResult",
+    "from_transition_table", "frozen_lake", "gridworld_table", "gridworld", "random_mdp", "random_policy",
     "q_from_v", "bellman_expectation_backup", "bellman_optimality_backup", "evaluate_policy_exact",
     "greedy_policy", "value_iteration", "iterative_policy_evaluation", "policy_iteration",
-    "bellman_residual", "monte_carlo_returns",
+    "bellman_residual", "monte_carlo_returns", "expected_return", "make_mdps", "solve_by_value_iteration",
+    "solve_by_policy_iteration", "run",
 ]
 
 DTYPE = torch.float64
@@ -42,10 +45,13 @@ class MDPConfig:
     is_slippery: bool = True  # FrozenLake dynamics: 1/3 intended move, 1/3 each perpendicular
     tol: float = 1e-12  # value iteration stops when the sup-norm change is below this
     max_iters: int = 100_000  # safety cap for the iterative methods
-    n_random_policies: int = 16  # random stochastic policies compared against V*
-    n_value_pairs: int = 256  # random (V1, V2) pairs for the contraction check
-    mc_episodes: int = 500  # Monte-Carlo episodes of the optimal policy in the real gymnasium env
-    mc_z: float = 4.0  # confidence bound for MC vs V*(s0), in standard errors
+    n_random_policies: int = 16  # random stochastic policies compared against V* (and random MDPs per check)
+    n_iterative_policies: int = 1  # random policies per MDP evaluated by iterated expectation backups
+    n_value_pairs: int = 128  # random (V1, V2) pairs per MDP for the contraction check
+    mc_episodes: int = 400  # Monte-Carlo episodes of the optimal policy in the real gymnasium env
+    # |mean return - V*(s0)| / SE is N(0, 1)-distributed (bounded returns, n >= 400: the CLT holds);
+    # 4 SE fail a correct run with probability 6e-5. Worst of toy seeds 0-19 / full seeds 0-4: see README.
+    mc_z: float = 4.0
 
     def __post_init__(self):
         if not 0.0 <= self.gamma < 1.0:
@@ -59,7 +65,7 @@ class MDPConfig:
 
     @classmethod
     def full(cls) -> MDPConfig:
-        return cls(n_random_policies=64, n_value_pairs=2048, mc_episodes=4000)
+        return cls(n_random_policies=64, n_iterative_policies=8, n_value_pairs=2048, mc_episodes=4000)
 
 
 @dataclass(frozen=True)
@@ -128,32 +134,40 @@ GRID = ("S...",
         "...G")  # S start, # wall, X pit (-1, terminal), G goal (+1, terminal), . step cost
 
 
-def gridworld(gamma: float = 0.95, slip: float = 0.1, step_reward: float = -0.04,
-              layout: tuple[str, ...] = GRID) -> TabularMDP:
-    """A small gridworld of our own: actions left/down/right/up move one cell with probability
-    1 - slip, otherwise a uniformly random other direction; walls and edges leave you in place."""
+def gridworld_table(slip: float = 0.1, step_reward: float = -0.04, layout: tuple[str, ...] = GRID):
+    """A small gridworld of our own as a gymnasium-style table ``P[s][a] = [(prob, s', r, done), ...]``
+    plus its start state: actions left/down/right/up move one cell with probability 1 - slip,
+    otherwise a uniformly random other direction; walls and edges leave you in place; landing on X
+    or G ends the episode with -1 or +1. Unlike FrozenLake's table, the rows of X and G list their
+    ordinary moves (with rewards): making them absorbing is ``from_transition_table``'s job."""
     rows, cols = len(layout), len(layout[0])
     cells = [(r, c) for r in range(rows) for c in range(cols) if layout[r][c] != "#"]
     index = {cell: i for i, cell in enumerate(cells)}
     moves = [(0, -1), (1, 0), (0, 1), (-1, 0)]  # same action order as FrozenLake: left, down, right, up
-    S, A = len(cells), len(moves)
-    P = torch.zeros(S, A, S, dtype=DTYPE)
-    R = torch.zeros(S, A, dtype=DTYPE)
-    terminal = torch.tensor([layout[r][c] in "XG" for r, c in cells])
     reward_of = {"X": -1.0, "G": 1.0}
+    table: dict[int, dict[int, list]] = {}
     for (r, c), s in index.items():
-        for a in range(A):
+        table[s] = {}
+        for a in range(len(moves)):
+            outcomes = []
             for b, (dr, dc) in enumerate(moves):
-                p = 1.0 - slip if a == b else slip / (A - 1)
+                p = 1.0 - slip if a == b else slip / (len(moves) - 1)
                 nr, nc = r + dr, c + dc
                 s_next = index.get((nr, nc), s) if 0 <= nr < rows and 0 <= nc < cols else s
-                P[s, a, s_next] += p
-                cell = cells[s_next]
-                R[s, a] += p * (reward_of.get(layout[cell[0]][cell[1]], step_reward))
-    _absorb(P, R, terminal)
-    start = torch.zeros(S, dtype=DTYPE)
-    start[[index[cell] for cell in cells if layout[cell[0]][cell[1]] == "S"]] = 1.0
-    return TabularMDP(P, R, gamma, terminal, start)
+                kind = layout[cells[s_next][0]][cells[s_next][1]]
+                outcomes.append((p, s_next, reward_of.get(kind, step_reward), kind in reward_of))
+            table[s][a] = outcomes
+    start = next(index[cell] for cell in cells if layout[cell[0]][cell[1]] == "S")
+    return table, start
+
+
+def gridworld(gamma: float = 0.95, slip: float = 0.1, step_reward: float = -0.04,
+              layout: tuple[str, ...] = GRID) -> TabularMDP:
+    """``gridworld_table`` as a TabularMDP (X and G absorbing with zero reward)."""
+    table, s0 = gridworld_table(slip, step_reward, layout)
+    start = torch.zeros(len(table), dtype=DTYPE)
+    start[s0] = 1.0
+    return from_transition_table(table, gamma, start)
 
 
 def random_mdp(n_states: int, n_actions: int, gamma: float, generator: torch.Generator) -> TabularMDP:
@@ -230,30 +244,32 @@ class Solution:
     policy: torch.Tensor  # (S, A) greedy with respect to V
     iterations: int
     deltas: list[float]  # sup-norm change per iteration (value iteration) or policy changes (PI)
+    Q: torch.Tensor | None = None  # (S, A) one-step lookahead of V: R + gamma P V
 
 
 def value_iteration(mdp: TabularMDP, tol: float = 1e-12, max_iters: int = 100_000,
                     backup: Callable = bellman_optimality_backup) -> Solution:
-    """Iterate V <- T* V from V = 0 until the sup-norm change is below ``tol``."""
+    """Iterate V <- T* V from V = 0 until the sup-norm change is below ``tol`` (or is NaN)."""
     V = torch.zeros(mdp.n_states, dtype=DTYPE)
     deltas = []
     for it in range(1, max_iters + 1):
         V_new = backup(mdp.P, mdp.R, mdp.gamma, V)
         deltas.append((V_new - V).abs().max().item())
         V = V_new
-        if deltas[-1] < tol:
+        if not deltas[-1] >= tol:  # converged, or NaN: iterating further cannot help
             break
-    return Solution(V, greedy_policy(q_from_v(mdp.P, mdp.R, mdp.gamma, V)), it, deltas)
+    Q = q_from_v(mdp.P, mdp.R, mdp.gamma, V)
+    return Solution(V, greedy_policy(Q), it, deltas, Q)
 
 
 def iterative_policy_evaluation(mdp: TabularMDP, policy: torch.Tensor, tol: float = 1e-12,
                                 max_iters: int = 100_000,
                                 backup: Callable = bellman_expectation_backup) -> torch.Tensor:
-    """Iterate V <- T^pi V from V = 0 until the sup-norm change is below ``tol``."""
+    """Iterate V <- T^pi V from V = 0 until the sup-norm change is below ``tol`` (or is NaN)."""
     V = torch.zeros(mdp.n_states, dtype=DTYPE)
     for _ in range(max_iters):
         V_new = backup(mdp.P, mdp.R, mdp.gamma, policy, V)
-        done = (V_new - V).abs().max().item() < tol
+        done = not (V_new - V).abs().max().item() >= tol
         V = V_new
         if done:
             break
@@ -280,7 +296,8 @@ def policy_iteration(mdp: TabularMDP, max_iters: int = 1_000,
         if changes[-1] == 0:
             break
         policy = new_policy
-    return Solution(evaluate(mdp.P, mdp.R, mdp.gamma, policy), policy, it, [float(c) for c in changes])
+    V = evaluate(mdp.P, mdp.R, mdp.gamma, policy)
+    return Solution(V, policy, it, [float(c) for c in changes], q_from_v(mdp.P, mdp.R, mdp.gamma, V))
 
 
 def bellman_residual(mdp: TabularMDP, V: torch.Tensor) -> float:
@@ -305,3 +322,80 @@ def monte_carlo_returns(env, actions: torch.Tensor, episodes: int, gamma: float,
             done = terminated or truncated
         returns[ep] = G
     return returns
+
+
+def expected_return(table: dict, start: torch.Tensor, actions: torch.Tensor, gamma: float,
+                    tol: float = 1e-16, max_steps: int = 100_000) -> float:
+    """E[sum_t gamma^t r_t] of the deterministic policy ``actions[s]`` from the start distribution,
+    straight from a gymnasium-style table: what the Monte-Carlo average converges to.
+
+    The state distribution d_t is pushed forward one step at a time; probability mass that reaches a
+    done transition leaves (no absorbing states, no linear solve), and the sum stops once
+    gamma^t * (mass still running) < tol, so the neglected tail is below tol / (1 - gamma).
+    """
+    S = len(table)
+    keep = torch.zeros(S, S, dtype=DTYPE)  # keep[s, s']: P(s' and not done | s, actions[s])
+    reward = torch.zeros(S, dtype=DTYPE)  # E[r | s, actions[s]]
+    for s in range(S):
+        for prob, s_next, r, done in table[s][int(actions[s])]:
+            reward[s] += prob * r
+            if not done:
+                keep[s, int(s_next)] += prob
+    d, total, discount = start.to(DTYPE).clone(), 0.0, 1.0
+    for _ in range(max_steps):
+        total += discount * (d @ reward).item()
+        d, discount = d @ keep, discount * gamma
+        if discount * d.sum().item() < tol:
+            break
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiment: FrozenLake and the gridworld, solved two ways, then played in the real env
+
+
+@dataclass
+class MDPResult:
+    mdps: dict[str, TabularMDP]  # "frozen_lake", "gridworld"
+    tables: dict[str, dict]  # the gymnasium-style tables they were built from
+    value_iteration: dict[str, Solution]  # V*, Q* and the greedy policy, per MDP
+    policy_iteration: dict[str, Solution]
+    expected_return: dict[str, float]  # E[G] of VI's greedy policy from the start, through the table
+    v_star_start: dict[str, float]  # sum_s start(s) V*(s): what expected_return must equal
+    mc_returns: torch.Tensor  # (mc_episodes,) discounted returns of VI's greedy policy in the real env
+
+
+def make_mdps(cfg: MDPConfig):
+    """FrozenLake (gymnasium) and the gridworld: (mdps, tables, env), keyed "frozen_lake", "gridworld"."""
+    lake, env = frozen_lake(cfg.gamma, cfg.map_name, cfg.is_slippery)
+    grid_table, s0 = gridworld_table()
+    start = torch.zeros(len(grid_table), dtype=DTYPE)
+    start[s0] = 1.0
+    mdps = {"frozen_lake": lake, "gridworld": from_transition_table(grid_table, cfg.gamma, start)}
+    return mdps, {"frozen_lake": env.unwrapped.P, "gridworld": grid_table}, env
+
+
+def solve_by_value_iteration(mdps: dict[str, TabularMDP], cfg: MDPConfig,
+                             backup: Callable = bellman_optimality_backup) -> dict[str, Solution]:
+    return {name: value_iteration(m, cfg.tol, cfg.max_iters, backup=backup) for name, m in mdps.items()}
+
+
+def solve_by_policy_iteration(mdps: dict[str, TabularMDP],
+                              evaluate: Callable = evaluate_policy_exact) -> dict[str, Solution]:
+    return {name: policy_iteration(m, evaluate=evaluate) for name, m in mdps.items()}
+
+
+def run(cfg: MDPConfig, generator: torch.Generator, *,
+        bellman_optimality_backup: Callable = bellman_optimality_backup,
+        evaluate_policy_exact: Callable = evaluate_policy_exact) -> MDPResult:
+    """Solve both MDPs by value iteration and by policy iteration; evaluate VI's greedy policy exactly
+    from the tables, and play it for ``cfg.mc_episodes`` episodes in the real FrozenLake env."""
+    mdps, tables, env = make_mdps(cfg)
+    vi = solve_by_value_iteration(mdps, cfg, bellman_optimality_backup)
+    pi = solve_by_policy_iteration(mdps, evaluate_policy_exact)
+    actions = {name: sol.policy.argmax(-1) for name, sol in vi.items()}
+    expected = {name: expected_return(tables[name], m.start, actions[name], m.gamma) for name, m in mdps.items()}
+    v_start = {name: (m.start @ vi[name].V).item() for name, m in mdps.items()}
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    returns = monte_carlo_returns(env, actions["frozen_lake"], cfg.mc_episodes, cfg.gamma, seed)
+    return MDPResult(mdps, tables, vi, pi, expected, v_start, returns)
