@@ -228,17 +228,28 @@ def to_markdown(doc: dict[str, Any], heading_level: int = 2) -> str:
 # ------------------------------------------------------------------------------------------------
 # Published numbers: README spans rewritten from saved sweeps
 #
-#   <!-- sweep | full | ppo | scalar | gold reward end -->3.43 … 5.78<!-- /sweep -->
-#   <!-- sweep | toy | gae | check | variance_grows_with_lambda.ratio | .1f -->7.5 … 8.7<!-- /sweep -->
-#   <!-- sweep | toy | gae | seconds | cpu -->0.3<!-- /sweep -->
+#   <!-- sweep full ppo scalar "gold reward end" -->3.43 … 5.78<!-- /sweep -->
+#   <!-- sweep toy gae check variance_grows_with_lambda.ratio .1f -->7.5 … 8.7<!-- /sweep -->
+#   <!-- sweep toy gae seconds cpu -->0.3<!-- /sweep -->
 #
-# fields: mode, module, what (scalar | check | seconds), name (a scalar; a check with an optional
-# .part; for seconds, wall or cpu: the mean per seed), and an optional format spec for both ends of the
-# range (".3f", ".0%", "g"). Clock scalars (timed) are published like the others: say so beside them.
+# fields (shell-style words, quote a name with spaces): mode, module, what (scalar | check | seconds),
+# name (a scalar; a check with an optional .part; for seconds, wall or cpu: the mean per seed), and an
+# optional format spec for both ends of the range (".3f", ".0%", "g"). No "|" in a span: GitHub splits
+# table cells at every "|", even inside an HTML comment. Clock scalars (timed) are published like the
+# others: say so beside them.
 
 import re  # noqa: E402
+import shlex  # noqa: E402
 
-SPAN = re.compile(r"(<!--\s*sweep\s*\|(?P<spec>[^>]*?)-->)(?P<body>.*?)(<!--\s*/sweep\s*-->)", re.S)
+SPAN = re.compile(r"(<!--\s*sweep\s(?P<spec>[^>]*?)-->)(?P<body>.*?)(<!--\s*/sweep\s*-->)", re.S)
+
+
+def span_fields(spec: str) -> list[str]:
+    """The words of a span's spec; the older "| a | b |" form is read too."""
+    spec = spec.strip()
+    if spec.startswith("|"):
+        return [f.strip() for f in spec.strip("|").split(" | ")]
+    return shlex.split(spec)
 
 
 class SpanError(ValueError):
@@ -250,10 +261,10 @@ def _fmt(x: float, spec: str) -> str:
 
 
 def span_text(spec: str, docs: dict[str, dict[str, Any]]) -> str:
-    """What a span with ``spec`` ("full | ppo | scalar | gold reward end") says, from the sweeps."""
-    fields = [f.strip() for f in spec.split("|")]
+    """What a span with ``spec`` ('full ppo scalar "gold reward end"') says, from the sweeps."""
+    fields = span_fields(spec)
     if len(fields) < 3:
-        raise SpanError(f"span {spec!r}: expected 'mode | module | scalar|check|seconds | name [| format]'")
+        raise SpanError(f"span {spec!r}: expected 'mode module scalar|check|seconds name [format]'")
     mode, module, what = fields[:3]
     if mode not in docs:
         raise SpanError(f"span {spec!r}: no saved {mode} sweep")
