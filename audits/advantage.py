@@ -6,15 +6,15 @@ import math
 
 import torch
 
-from llmaudit.audit import Context, audit, kernel
+from llmaudit.audit import Audit, kernel, max_error, measure
 from modules import advantage as M
-from modules.mdp import evaluate_policy_exact, q_from_v, random_mdp
+from modules.mdp import TabularMDP, evaluate_policy_exact, q_from_v, random_mdp
 
 REWARD_SHIFT = 5.0  # the constant added to every reward in the shift-invariance check
 OFFSET_SWEEP = (0.0, 1.0, 2.0, 4.0, 8.0)  # reward offsets for the variance-vs-offset curve
 SWEEP_EPISODES = 4_000  # episodes reused for each point of that curve
 BATCH_SIZES = (1, 4, 16, 64, 256, 1024)  # batch sizes for the MSE-vs-batch-size curve
-FINAL_BAR = 0.95  # every advantage agent ends this far from uniform to J* (seeds 0-35 reach >= 0.984)
+EXACT_TOL = 1e-10  # float64 linear solves on ~13 states
 
 
 def _example_returns() -> dict:
@@ -55,221 +55,288 @@ KERNELS = [
                 "(index_add) into row s, since a state can appear many times."),
 ]
 
+adv = Audit("advantage", day=3, title="Advantage and baselines: why Q - V reduces variance",
+            config=M.AdvantageConfig, kernels=KERNELS, formulas=M.FORMULAS)
 
-@audit("advantage", day=3, title="Advantage and baselines: why Q - V reduces variance",
-       config=M.AdvantageConfig, kernels=KERNELS, formulas=M.FORMULAS)
-def audit_advantage(ctx: Context, *, discounted_returns=M.discounted_returns,
-                    advantage_from_q=M.advantage_from_q, exact_policy_gradient=M.exact_policy_gradient,
-                    policy_gradient_estimate=M.policy_gradient_estimate) -> None:
-    cfg: M.AdvantageConfig = ctx.config
-    g_task, g_sample, g_train = ctx.generator(0), ctx.generator(1), ctx.generator(2)
-    mdp = M.layered_mdp(cfg.n_layers, cfg.width, cfg.n_actions, cfg.gamma, cfg.reward_offset,
-                        cfg.reward_scale, g_task)
-    S, A_, T = mdp.n_states, mdp.n_actions, cfg.n_layers
-    theta = cfg.theta_scale * torch.randn(S, A_, generator=g_task, dtype=M.DTYPE)
-    probs = torch.softmax(theta, -1)
-    V = evaluate_policy_exact(mdp.P, mdp.R, mdp.gamma, probs)
-    Q = q_from_v(mdp.P, mdp.R, mdp.gamma, V)
 
-    # ---- exact math -----------------------------------------------------------------------------
-    hand = discounted_returns(torch.tensor([[1.0, 1.0, 1.0]], dtype=M.DTYPE), 0.9)
-    hand_err = (hand - torch.tensor([[2.71, 1.9, 1.0]], dtype=M.DTYPE)).abs().max().item()
-    s0 = M.sample_categorical(mdp.start.expand(cfg.n_episodes, S), g_sample)
-    states, actions, rewards = M.sample_episodes(mdp, probs, s0, T, cfg.reward_noise, g_sample)
-    G = discounted_returns(rewards, cfg.gamma)
+def _t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=M.DTYPE)
+
+
+def _grad_of(exact_policy_gradient, mdp: TabularMDP, theta: torch.Tensor) -> torch.Tensor:
+    return exact_policy_gradient(mdp.P, mdp.R, mdp.gamma, mdp.start, theta)
+
+
+# ---- the task and one random policy, with its exact values and gradient ------------------------------
+
+@adv.fixture
+def policy(cfg, g):
+    """The layered MDP (4 layers x 3 states, 3 actions, gamma 0.9) and logits theta ~ N(0, 1)."""
+    return M.random_test_policy(cfg, g)
+
+
+@adv.fixture
+def episodes(cfg, g, policy):
+    """n_episodes rollouts of the test policy: states, actions (N, T) and noisy rewards (N, T)."""
+    s0 = M.sample_categorical(policy.mdp.start.expand(cfg.n_episodes, -1), g)
+    return M.sample_episodes(policy.mdp, policy.probs, s0, cfg.n_layers, cfg.reward_noise, g)
+
+
+@adv.fixture
+def returns(cfg, episodes, discounted_returns):
+    return discounted_returns(episodes[2], cfg.gamma)
+
+
+@adv.fixture
+def advantages(policy, advantage_from_q):
+    return advantage_from_q(policy.Q, policy.probs)
+
+
+# ---- exact math -------------------------------------------------------------------------------------
+
+@adv.check("< 1e-12", hint="loop backwards over time with a running sum; start from 0 after the last step.")
+def discounted_returns_satisfy_recursion(cfg, episodes, returns, discounted_returns):
+    """The return-to-go is the discounted sum of the rewards from step t on: [1, 1, 1] at gamma 0.9 gives
+    [2.71, 1.9, 1.0], and on every sampled episode G_t = r_t + gamma G_{t+1} with G_T = 0."""
+    hand = discounted_returns(_t([[1.0, 1.0, 1.0]]), 0.9)
+    rewards, G = episodes[2], returns
     next_G = torch.cat([G[:, 1:], torch.zeros_like(G[:, :1])], dim=1)
-    rec_err = (G - (rewards + cfg.gamma * next_G)).abs().max().item()
-    ctx.check("discounted_returns_satisfy_recursion", max(hand_err, rec_err) < 1e-12,
-              f"[1,1,1] -> {[round(x, 4) for x in hand[0].tolist()]}, max recursion error {rec_err:.1e}",
-              "[2.71, 1.9, 1.0] and |G_t - r_t - gamma G_t+1| < 1e-12",
-              "The return-to-go is the discounted sum of the rewards from step t on; it obeys "
-              "G_t = r_t + gamma G_t+1 and is what a Monte-Carlo policy gradient weights each step by.",
-              hint="loop backwards over time with a running sum; start from 0 after the last step.")
+    return [max_error(hand, _t([[2.71, 1.9, 1.0]])), max_error(G, rewards + cfg.gamma * next_G)]
 
-    A = advantage_from_q(Q, probs)
-    adv_err = (A - (Q - V[:, None])).abs().max().item()
-    ctx.check("advantage_is_q_minus_v", adv_err < 1e-10, adv_err, "max |A - (Q - V^pi)| < 1e-10",
-              "The advantage says how much better action a is than the policy's average action in s: "
-              "A(s,a) = Q(s,a) - V(s) with V(s) = E_pi[Q(s,a)].",
-              hint="V(s) = sum_a pi(a|s) Q(s,a): weight by the policy, do not take the plain mean or max.")
-    zero_mean = (probs * A).sum(-1).abs().max().item()
-    ctx.check("advantage_has_zero_mean_under_policy", zero_mean < 1e-10, zero_mean,
-              "max_s |sum_a pi(a|s) A(s,a)| < 1e-10",
-              "On average over its own actions the policy is exactly as good as itself, so E_pi[A] = 0: "
-              "the advantage only ranks actions, it carries no state-level offset.",
-              hint="subtract the pi-weighted mean of Q over actions, broadcast over the action axis.")
 
-    def autograd_of_J(m, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.clone().requires_grad_(True)
-        return torch.autograd.grad(M.expected_return(m, logits), logits)[0]
+@adv.check(f"< {EXACT_TOL}", hint="V(s) = sum_a pi(a|s) Q(s,a): weight by the policy, do not take the plain "
+                                  "mean or max.")
+def advantage_is_q_minus_v(policy, advantages):
+    """The advantage says how much better action a is than the policy's average action in s:
+    A(s,a) = Q(s,a) - V(s) with V(s) = E_pi[Q(s,a)] (compared with V^pi from the linear solve)."""
+    return max_error(advantages, policy.Q - policy.V[:, None])
 
-    true_grad = autograd_of_J(mdp, theta)  # the trusted dJ/dtheta, used by every check below
-    dense = random_mdp(6, 3, 0.8, g_task)  # the theorem holds for any MDP, not only layered ones
-    dense_theta = torch.randn(6, 3, generator=g_task, dtype=M.DTYPE)
-    pgt_err = max((exact_policy_gradient(m.P, m.R, m.gamma, m.start, th) - autograd_of_J(m, th))
-                  .abs().max().item() for m, th in ((mdp, theta), (dense, dense_theta)))
-    ctx.check("policy_gradient_theorem_matches_autograd", pgt_err < 1e-10, pgt_err,
-              "max |grad_PGT - autograd dJ/dtheta| < 1e-10",
-              "The policy gradient theorem gives dJ/dtheta[s,a] = d(s) pi(a|s) A(s,a) without "
-              "differentiating through the dynamics; it equals autograd of the exact J(theta).",
-              hint="d is the discounted visitation start^T (I - gamma P_pi)^-1 and the weight is Q - V.")
-    ctx.progress(0.1)
 
-    n_small = 64
-    st, ac = states[:n_small], actions[:n_small]
-    w = torch.randn(n_small, T, generator=g_sample, dtype=M.DTYPE)
-    th = theta.clone().requires_grad_(True)
-    logp = torch.log_softmax(th, -1)[st, ac]  # (n, T)
-    (auto,) = torch.autograd.grad((w * logp).sum() / n_small, th)
-    est_err = (policy_gradient_estimate(theta, st, ac, w) - auto).abs().max().item()
-    ctx.check("policy_gradient_estimate_matches_autograd", est_err < 1e-12, est_err,
-              "max |kernel - autograd of mean sum_t w_t log pi(a_t|s_t)| < 1e-12",
-              "For a softmax policy grad_theta[s] log pi(a|s) = onehot(a) - pi(.|s), so REINFORCE is the "
-              "weighted sum of these rows: the same as backpropagating -mean(w * logp).",
-              hint="subtract pi(.|s) from the one-hot action, and accumulate rows with index_add.")
+@adv.check(f"< {EXACT_TOL}", hint="subtract the pi-weighted mean of Q over actions, broadcast over the action "
+                                  "axis.")
+def advantage_has_zero_mean_under_policy(policy, advantages, advantage_from_q, g):
+    """On average over its own actions the policy is exactly as good as itself, so E_pi[A] = 0 in every
+    state: the advantage only ranks actions, it carries no state-level offset (any Q, any pi)."""
+    q = 3.0 * torch.randn(7, 4, generator=g, dtype=M.DTYPE)
+    probs = torch.softmax(2.0 * torch.randn(7, 4, generator=g, dtype=M.DTYPE), -1)
+    return [(policy.probs * advantages).sum(-1).abs(), (probs * advantage_from_q(q, probs)).sum(-1).abs()]
 
-    every_s = torch.arange(S).repeat_interleave(A_)[:, None]  # (S*A, 1): each (s, a) pair once
-    every_a = torch.arange(A_).repeat(S)[:, None]
-    pi_w = probs[every_s, every_a]  # weight pi(a|s): the exact expectation over a ~ pi
-    score_mean = (policy_gradient_estimate(theta, every_s, every_a, pi_w) * S * A_).abs().max().item()
-    ctx.check("score_function_has_zero_mean", score_mean < 1e-12, score_mean,
-              "max_s |sum_a pi(a|s) grad log pi(a|s)| < 1e-12",
-              "E_{a~pi}[grad log pi(a|s)] = grad sum_a pi(a|s) = grad 1 = 0, which is why subtracting "
-              "any baseline b(s) leaves the policy gradient unbiased.",
-              hint="the score must be onehot(a) - pi(.|s); without the -pi it has mean pi, not 0.")
 
-    # a constant added to every reward moves G_t and V(s_t) equally: G - V and A do not change
-    shifted = M.shift_rewards(mdp, REWARD_SHIFT)
-    V_sh = evaluate_policy_exact(shifted.P, shifted.R, shifted.gamma, probs)
-    A_sh = advantage_from_q(q_from_v(shifted.P, shifted.R, shifted.gamma, V_sh), probs)
-    sub = slice(0, SWEEP_EPISODES)
-    w0 = M.estimator_weights(G[sub], states[sub], actions[sub], V, A, cfg.gamma, cfg.weight_by_gamma_t)
-    w1 = M.estimator_weights(discounted_returns(rewards[sub] + REWARD_SHIFT, cfg.gamma), states[sub],
-                             actions[sub], V_sh, A_sh, cfg.gamma, cfg.weight_by_gamma_t)
-    change = {name: (policy_gradient_estimate(theta, states[sub], actions[sub], w1[name])
-                     - policy_gradient_estimate(theta, states[sub], actions[sub], w0[name]))
-              .abs().max().item() for name in M.ESTIMATORS}
-    ctx.check("baseline_gradient_is_invariant_to_reward_shift",
-              change["baseline"] < 1e-9 and change["advantage"] < 1e-9,
-              f"change: baseline {change['baseline']:.1e}, advantage {change['advantage']:.1e}, "
-              f"reinforce {change['reinforce']:.3g}", "baseline and advantage < 1e-9",
-              "Adding c to every reward shifts G_t and V(s_t) by the same amount, so G - V (and A) is "
-              "unchanged and so is the sampled gradient; without a baseline the estimate moves.",
-              hint="the returns must be discounted exactly as V is; gamma ignored in G_t breaks it.")
-    ctx.progress(0.2)
+@adv.check(f"< {EXACT_TOL}", hint="d is the discounted visitation start^T (I - gamma P_pi)^-1 and the weight "
+                                  "is Q - V.")
+def policy_gradient_theorem_matches_autograd(exact_policy_gradient, policy, g):
+    """The policy gradient theorem gives dJ/dtheta[s,a] = d(s) pi(a|s) A(s,a) without differentiating
+    through the dynamics; it equals autograd of the exact J(theta), on the layered task and on a dense MDP."""
+    dense = random_mdp(6, 3, 0.8, g)
+    dense_theta = torch.randn(6, 3, generator=g, dtype=M.DTYPE)
+    return [max_error(_grad_of(exact_policy_gradient, policy.mdp, policy.theta), policy.grad),
+            max_error(_grad_of(exact_policy_gradient, dense, dense_theta),
+                      M.autograd_policy_gradient(dense, dense_theta))]
 
-    # ---- Monte-Carlo: unbiasedness and variance of the three estimators --------------------------
-    N = cfg.n_episodes
-    J = M.expected_return(mdp, theta).item()
-    G0_mean, G0_se = G[:, 0].mean().item(), (G[:, 0].std() / math.sqrt(N)).item()
-    z_J = (G0_mean - J) / max(G0_se, 1e-12)
-    ctx.check("mean_return_matches_exact_J", abs(z_J) <= cfg.z_max,
-              f"{G0_mean:.4f} ± {G0_se:.4f} vs J={J:.4f} (z={z_J:.2f})", f"|z| <= {cfg.z_max:g}",
-              "J(theta) = sum_s start(s) V^pi(s) is the expected discounted return, so the sampled G_0 "
-              "averages to it within its standard error.", kind="outcome",
-              hint="G_0 discounts step t by gamma^t; an undiscounted sum overshoots J.")
 
-    weights = M.estimator_weights(G, states, actions, V, A, cfg.gamma, cfg.weight_by_gamma_t)
-    samples = {name: M.per_episode_gradients(policy_gradient_estimate, theta, states, actions, w)
-               for name, w in weights.items()}  # (N, S, A) one gradient per episode
-    ctx.progress(0.35)
-    worst_z, worst_at, flat_err = 0.0, "", 0.0
-    trace, mse_curves = {}, {}
-    for name, grads in samples.items():
-        mean, se = grads.mean(0), grads.std(0) / math.sqrt(N)
-        varies = se > 1e-12  # the end state's row is never sampled: exactly 0 on both sides
-        z = ((mean - true_grad) / se.clamp_min(1e-300))[varies].abs()
-        if z.numel() and z.max().item() > worst_z:
-            worst_z, worst_at = z.max().item(), name
-        flat_err = max(flat_err, (mean - true_grad)[~varies].abs().max().item() if (~varies).any() else 0.0)
-        trace[name] = grads.var(0).sum().item()
-        mse_curves[name] = [((grads[: N // b * b].reshape(N // b, b, S, A_).mean(1) - true_grad) ** 2)
-                            .sum((-1, -2)).mean().item() for b in BATCH_SIZES]
-    n_comp = len(M.ESTIMATORS) * int(varies.sum())
-    ctx.check("estimators_are_unbiased", worst_z <= cfg.z_max and flat_err < 1e-12,
-              f"max|z|={worst_z:.2f} ({worst_at}) over {n_comp} components",
-              f"max over estimators and components of |mean - exact| / SE <= {cfg.z_max:g}",
-              "REINFORCE, the V(s) baseline and the true advantage all average to the exact policy "
-              "gradient: a state-only baseline has zero-mean score, and E[G_t | s_t, a_t] = Q(s_t, a_t).",
-              kind="outcome",
-              hint="weight step t by gamma^t (the discounted objective) and use reward-to-go, not the "
-                   "whole-episode return; the score must be onehot(a) - pi(.|s).")
-    ratio_rb = trace["reinforce"] / trace["baseline"]
-    ratio_ba = trace["baseline"] / trace["advantage"]
-    ctx.check("variance_decreases_reinforce_baseline_advantage",
-              trace["reinforce"] > trace["baseline"] > trace["advantage"],
-              f"tr Cov: {trace['reinforce']:.3g} > {trace['baseline']:.3g} > {trace['advantage']:.3g}",
-              "tr Cov strictly decreasing (REINFORCE > V(s) baseline > advantage)",
-              "The baseline removes the action-independent part of the return and the advantage also "
-              "removes the noise of the rest of the episode, so each step shrinks the gradient variance.",
-              kind="outcome",
-              hint="the advantage weight must be Q - V, not Q: Q still carries the large V(s) offset.")
+@adv.check(f"< {EXACT_TOL}", hint="a one-state bandit that loops forever is visited 1 / (1 - gamma) times: "
+                                  "d(s) is a discounted count, not a probability.")
+def exact_gradient_matches_bandit_closed_form(exact_policy_gradient):
+    """One state looping on itself with rewards r = [1, 0, 2], pi = [.5, .25, .25], gamma = 0.9: V = pi.r
+    / (1 - gamma) = 10, d = 10, so dJ/dtheta = d pi (r - pi.r) = [0, -2.5, 2.5]."""
+    P = torch.ones(1, 3, 1, dtype=M.DTYPE)
+    theta = torch.log(_t([[0.5, 0.25, 0.25]]))
+    grad = exact_policy_gradient(P, _t([[1.0, 0.0, 2.0]]), 0.9, _t([1.0]), theta)
+    return max_error(grad, _t([[0.0, -2.5, 2.5]]))
+
+
+@adv.check(f"< {EXACT_TOL}", hint="weight by A = Q - V, not by Q: Q still carries V(s), which is not zero.")
+def exact_gradient_vanishes_when_actions_do_not_matter(exact_policy_gradient, g):
+    """If neither the reward nor the next state depends on the action, every action is as good as the
+    average (A = 0), so J does not depend on theta and the exact gradient is 0, whatever V is."""
+    base = random_mdp(6, 3, 0.9, g)
+    P = base.P[:, :1].expand(-1, 3, -1).contiguous()  # (S, A, S): action 0's row for every action
+    R = 2.0 + base.R[:, :1].expand(-1, 3).contiguous()  # positive values, the same for every action
+    theta = torch.randn(6, 3, generator=g, dtype=M.DTYPE)
+    return max_error(exact_policy_gradient(P, R, base.gamma, base.start, theta), torch.zeros(6, 3, dtype=M.DTYPE))
+
+
+@adv.check("< 1e-12", hint="subtract pi(.|s) from the one-hot action, and accumulate rows with index_add.")
+def policy_gradient_estimate_matches_autograd(policy_gradient_estimate, policy, episodes, g):
+    """For a softmax policy grad_theta[s] log pi(a|s) = onehot(a) - pi(.|s), so REINFORCE is the weighted
+    sum of these rows: the same as backpropagating mean(sum_t w_t log pi(a_t|s_t)) (states repeat)."""
+    n, T = 64, episodes[0].shape[1]
+    states, actions = episodes[0][:n], episodes[1][:n]
+    w = torch.randn(n, T, generator=g, dtype=M.DTYPE)
+    th = policy.theta.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad((w * torch.log_softmax(th, -1)[states, actions]).sum() / n, th)
+    return max_error(policy_gradient_estimate(policy.theta, states, actions, w), auto)
+
+
+@adv.check("< 1e-12", hint="the score must be onehot(a) - pi(.|s); without the -pi it has mean pi, not 0.")
+def score_function_has_zero_mean(policy_gradient_estimate, policy):
+    """E_{a~pi}[grad log pi(a|s)] = grad sum_a pi(a|s) = grad 1 = 0, which is why subtracting any baseline
+    b(s) leaves the policy gradient unbiased (each (s, a) weighted by pi(a|s), the exact expectation)."""
+    S, A = policy.probs.shape
+    every_s = torch.arange(S).repeat_interleave(A)[:, None]  # (S*A, 1): each (s, a) pair once
+    every_a = torch.arange(A).repeat(S)[:, None]
+    pi_w = policy.probs[every_s, every_a]
+    return policy_gradient_estimate(policy.theta, every_s, every_a, pi_w).abs() * S * A
+
+
+@adv.check({"baseline": "< 1e-9", "advantage": "< 1e-9"},
+           hint="the returns must be discounted exactly as V is; gamma ignored in G_t breaks it.")
+def baseline_gradient_is_invariant_to_reward_shift(cfg, policy, episodes, discounted_returns, advantage_from_q,
+                                                   policy_gradient_estimate):
+    """Adding c to every reward shifts G_t and V(s_t) by the same amount, so G - V (and A) is unchanged
+    and so is the sampled gradient; without a baseline the estimate moves."""
+    states, actions, rewards = (x[:SWEEP_EPISODES] for x in episodes)
+    grads = []
+    for c in (0.0, REWARD_SHIFT):
+        m = M.shift_rewards(policy.mdp, c)
+        V = evaluate_policy_exact(m.P, m.R, m.gamma, policy.probs)
+        A = advantage_from_q(q_from_v(m.P, m.R, m.gamma, V), policy.probs)
+        weights = M.estimator_weights(discounted_returns(rewards + c, cfg.gamma), states, actions, V, A,
+                                      cfg.gamma, cfg.weight_by_gamma_t)
+        grads.append({name: policy_gradient_estimate(policy.theta, states, actions, w) for name, w in weights.items()})
+    change = {name: max_error(grads[0][name], grads[1][name]) for name in M.ESTIMATORS}
+    return measure({"baseline": change["baseline"], "advantage": change["advantage"]},
+                   f"+{REWARD_SHIFT:g} on every reward; REINFORCE moves by {change['reinforce']:.3g}")
+
+
+# ---- Monte-Carlo: unbiasedness and variance of the three estimators --------------------------------
+
+@adv.check("<= z_max", kind="outcome", hint="G_0 discounts step t by gamma^t; an undiscounted sum overshoots J.")
+def mean_return_matches_exact_J(policy, returns):
+    """J(theta) = sum_s start(s) V^pi(s) is the expected discounted return, so the sampled G_0 (bounded
+    rewards plus Gaussian noise: light tails) averages to it within its standard error."""
+    G0 = returns[:, 0]
+    mean, se = G0.mean().item(), (G0.std() / math.sqrt(G0.numel())).item()
+    return measure(abs(mean - policy.J) / se, f"{mean:.4f} ± {se:.4f} vs J = {policy.J:.4f}")
+
+
+@adv.fixture(cost=2)
+def samples(cfg, policy, episodes, returns, advantages, policy_gradient_estimate):
+    """(N, S, A): one gradient per episode for REINFORCE, the V(s) baseline and the advantage."""
+    return M.estimator_samples(policy_gradient_estimate, policy.theta, episodes[0], episodes[1], returns,
+                               policy.V, advantages, cfg.gamma, cfg.weight_by_gamma_t)
+
+
+@adv.check({"max_z": "<= z_max", "unvisited_rows": "< 1e-12"}, kind="outcome",
+           hint="weight step t by gamma^t (the discounted objective) and use reward-to-go, not the whole-episode "
+                "return; the score must be onehot(a) - pi(.|s).")
+def estimators_are_unbiased(cfg, policy, samples):
+    """REINFORCE, the V(s) baseline and the true advantage all average to the exact policy gradient: a
+    state-only baseline has zero-mean score, and E[G_t | s_t, a_t] = Q(s_t, a_t). Per-episode estimates have
+    light tails, so |mean - exact| / SE is normal on the rows of states visited often enough."""
+    visits = M.expected_visits(policy.mdp, policy.probs, cfg.n_layers) * cfg.n_episodes  # exact, not sampled
+    tested, unvisited = visits >= cfg.min_visits, visits == 0
+    zs, flat = [], []
+    for name in M.ESTIMATORS:
+        grads = samples[name]
+        mean, se = grads.mean(0), grads.std(0) / math.sqrt(grads.shape[0])
+        zs.append(((mean - policy.grad) / se)[tested].abs())
+        flat.append(max_error(mean[unvisited], policy.grad[unvisited]))
+    return measure({"max_z": torch.cat(zs), "unvisited_rows": flat},
+                   f"{len(M.ESTIMATORS)} estimators x {int(tested.sum()) * policy.probs.shape[1]} components")
+
+
+@adv.check({"reinforce_over_baseline": ">= min_variance_ratio_baseline",
+            "baseline_over_advantage": ">= min_variance_ratio_advantage"}, kind="outcome",
+           hint="the advantage weight must be Q - V, not Q: Q still carries the large V(s) offset.")
+def variance_decreases_reinforce_baseline_advantage(samples):
+    """The baseline removes the action-independent part of the return and the advantage also removes the
+    noise of the rest of the episode, so each step shrinks tr Cov of the per-episode gradient."""
+    trace = {name: grads.var(0).sum().item() for name, grads in samples.items()}
+    return measure({"reinforce_over_baseline": trace["reinforce"] / trace["baseline"],
+                    "baseline_over_advantage": trace["baseline"] / trace["advantage"]},
+                   f"tr Cov {trace['reinforce']:.3g} > {trace['baseline']:.3g} > {trace['advantage']:.3g}")
+
+
+# ---- closed loop: stochastic gradient ascent with each estimator ----------------------------------
+
+@adv.fixture(cost=3)
+def loop(cfg, g, policy, discounted_returns, advantage_from_q, policy_gradient_estimate):
+    """n_agents agents per estimator climb J from the uniform policy (theta = 0), 16 episodes a step."""
+    return M.train(policy.mdp, cfg, g, returns_fn=discounted_returns, advantage_fn=advantage_from_q,
+                   estimate_fn=policy_gradient_estimate)
+
+
+@adv.check("<= max_final_gap", kind="outcome", hint="ascend (theta += lr * g), and weight by A = Q - V with the "
+                                                   "sign kept.")
+def gradient_ascent_with_advantage_reaches_optimum(loop):
+    """Following the advantage-weighted gradient climbs J(theta) from the uniform policy to nearly the
+    optimum of value iteration: (J* - J) / (J* - J_uniform), 1 at the start, ends near 0 for every agent."""
+    gap = 1.0 - loop.normalized[-1, M.ESTIMATORS.index("advantage")]
+    return measure(gap, f"worst of {gap.numel()} agents (mean gap {gap.mean().item():.3f})")
+
+
+@adv.check(">= min_speedup", kind="outcome",
+           hint="the advantage estimator must be unbiased and low-variance: A = Q - V, times gamma^t.")
+def advantage_needs_fewer_episodes_than_reinforce(cfg, loop):
+    """With the same step size, lower-variance gradients waste fewer samples and avoid locking into a
+    poor deterministic policy, so the agents' mean J gets near J* several times sooner. A run that never
+    gets there counts as the whole budget (so the ratio is a lower bound)."""
+    curve = loop.normalized.mean(-1)  # (steps + 1, estimator)
+    budget = cfg.train_steps * cfg.episodes_per_step
+
+    def episodes_to_target(name: str) -> float:
+        hit = (curve[:, M.ESTIMATORS.index(name)] >= cfg.target_fraction).nonzero()
+        return hit[0].item() * cfg.episodes_per_step if hit.numel() else math.inf
+
+    need = {name: episodes_to_target(name) for name in M.ESTIMATORS}
+    text = ", ".join(f"{k} {v:.0f}" if math.isfinite(v) else f"{k} > {budget}" for k, v in need.items())
+    return measure(min(need["reinforce"], budget) / need["advantage"], f"episodes per agent to "
+                   f"{cfg.target_fraction:g} of the way to J*: {text}")
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+@adv.report
+def estimator_curves(ctx, policy, samples):
+    trace = {name: grads.var(0).sum().item() for name, grads in samples.items()}
     ctx.series("estimator/trace_cov", [trace[n] for n in M.ESTIMATORS], [0, 1, 2],
                x_label="estimator (0 REINFORCE G_t, 1 G_t - V(s_t), 2 A(s_t,a_t))", smooth=False)
-    for name in M.ESTIMATORS:
-        ctx.series(f"estimator/log10_mse_{name}", [math.log10(v) for v in mse_curves[name]],
-                   [math.log2(b) for b in BATCH_SIZES], x_label="log2 batch size (episodes)",
-                   group="estimator/log10_mse_vs_batch_size", smooth=False)
-    ctx.scalar("var ratio reinforce/baseline", ratio_rb)
-    ctx.scalar("var ratio baseline/advantage", ratio_ba)
+    for name, grads in samples.items():
+        N = grads.shape[0]
+        sizes = [b for b in BATCH_SIZES if N // b >= 1]
+        mse = [((grads[: N // b * b].reshape(N // b, b, *grads.shape[1:]).mean(1) - policy.grad) ** 2)
+               .sum((-1, -2)).mean().item() for b in sizes]
+        ctx.series(f"estimator/log10_mse_{name}", [math.log10(v) for v in mse], [math.log2(b) for b in sizes],
+                   x_label="log2 batch size (episodes)", group="estimator/log10_mse_vs_batch_size", smooth=False)
+        ctx.scalar(f"log10 MSE {name} at {sizes[-1]} episodes", math.log10(mse[-1]))
+    ctx.scalar("J(theta) at the test policy", policy.J)
+    ctx.scalar("var ratio reinforce/baseline", trace["reinforce"] / trace["baseline"])
+    ctx.scalar("var ratio baseline/advantage", trace["baseline"] / trace["advantage"])
     ctx.scalar("var ratio reinforce/advantage", trace["reinforce"] / trace["advantage"])
-    ctx.scalar("max |z| unbiasedness", worst_z)
+    for name in M.ESTIMATORS:
+        ctx.scalar(f"tr Cov {name}", trace[name])
 
-    # variance against the reward offset, on the same episodes: quadratic without a baseline, flat with
+
+@adv.report
+def variance_vs_reward_offset(ctx, cfg, policy, episodes, discounted_returns, advantage_from_q,
+                              policy_gradient_estimate):
+    """Variance against the reward offset, on the same episodes: quadratic without a baseline, flat with."""
+    states, actions, rewards = (x[:SWEEP_EPISODES] for x in episodes)
     sweep = {name: [] for name in M.ESTIMATORS}
     for c in OFFSET_SWEEP:
-        m_c = M.shift_rewards(mdp, c - cfg.reward_offset)
-        V_c = evaluate_policy_exact(m_c.P, m_c.R, m_c.gamma, probs)
-        A_c = advantage_from_q(q_from_v(m_c.P, m_c.R, m_c.gamma, V_c), probs)
-        G_c = discounted_returns(rewards[sub] + (c - cfg.reward_offset), cfg.gamma)
-        w_c = M.estimator_weights(G_c, states[sub], actions[sub], V_c, A_c, cfg.gamma, cfg.weight_by_gamma_t)
-        for name in M.ESTIMATORS:
-            grads = M.per_episode_gradients(policy_gradient_estimate, theta, states[sub], actions[sub],
-                                            w_c[name])
+        m = M.shift_rewards(policy.mdp, c - cfg.reward_offset)
+        V = evaluate_policy_exact(m.P, m.R, m.gamma, policy.probs)
+        A = advantage_from_q(q_from_v(m.P, m.R, m.gamma, V), policy.probs)
+        G = discounted_returns(rewards + (c - cfg.reward_offset), cfg.gamma)
+        for name, grads in M.estimator_samples(policy_gradient_estimate, policy.theta, states, actions, G, V, A,
+                                               cfg.gamma, cfg.weight_by_gamma_t).items():
             sweep[name].append(grads.var(0).sum().item())
     for name in M.ESTIMATORS:
         ctx.series(f"variance/trace_cov_{name}", sweep[name], OFFSET_SWEEP, x_label="reward offset",
                    group="variance/trace_cov_vs_reward_offset", smooth=False)
-    ctx.progress(0.5)
+        for i in (0, -1):
+            ctx.scalar(f"tr Cov {name} at reward offset {OFFSET_SWEEP[i]:g}", sweep[name][i])
 
-    # ---- closed loop: stochastic gradient ascent with each estimator ----------------------------
-    steps = cfg.train_steps
-    result = M.train(mdp, cfg, g_train, returns_fn=discounted_returns, advantage_fn=advantage_from_q,
-                     estimate_fn=policy_gradient_estimate,
-                     on_step=lambda s: ctx.progress(0.5 + 0.5 * (s + 1) / steps))
-    score = result.normalized  # (steps + 1, estimator, agent)
-    mean_curve = score.mean(-1)  # (steps + 1, estimator)
+
+@adv.report
+def learning_curves(ctx, cfg, loop):
+    score = loop.normalized  # (steps + 1, estimator, agent)
+    x = torch.arange(cfg.train_steps + 1) * cfg.episodes_per_step
     for i, name in enumerate(M.ESTIMATORS):
-        ctx.series(f"charts/normalized_return_{name}", mean_curve[:, i],
-                   torch.arange(steps + 1) * cfg.episodes_per_step, x_label="episodes per agent",
+        ctx.series(f"charts/normalized_return_{name}", score[:, i].mean(-1), x, x_label="episodes per agent",
                    group="charts/normalized_return")
-    adv = M.ESTIMATORS.index("advantage")
-    final_adv = score[-1, adv]
-    ctx.check("gradient_ascent_with_advantage_reaches_optimum", final_adv.min().item() >= FINAL_BAR,
-              f"min over {cfg.n_agents} agents {final_adv.min().item():.3f} "
-              f"(mean {final_adv.mean().item():.3f})",
-              f"(J - J_uniform) / (J* - J_uniform) >= {FINAL_BAR} for every agent",
-              "Following the advantage-weighted gradient climbs J(theta) from the uniform policy to "
-              "nearly the optimum found by value iteration.", kind="outcome",
-              hint="ascend (theta += lr * g), and weight by A = Q - V with the sign kept.")
-
-    def episodes_to_target(i: int) -> float:
-        hit = (mean_curve[:, i] >= cfg.target_fraction).nonzero()
-        return hit[0].item() * cfg.episodes_per_step if hit.numel() else math.inf
-
-    need = {name: episodes_to_target(i) for i, name in enumerate(M.ESTIMATORS)}
-    budget = steps * cfg.episodes_per_step
-    text = {k: (f"{v:.0f}" if math.isfinite(v) else f"> {budget}") for k, v in need.items()}
-    ctx.check("advantage_needs_fewer_episodes_than_reinforce",
-              math.isfinite(need["advantage"]) and 2 * need["advantage"] <= need["reinforce"],
-              f"advantage {text['advantage']}, baseline {text['baseline']}, reinforce {text['reinforce']}",
-              f"episodes per agent until the agents' mean J is {cfg.target_fraction:g} of the way to J*: "
-              "advantage <= half of reinforce",
-              "With the same step size, lower-variance gradients waste fewer samples and avoid locking "
-              "into a poor deterministic policy, so the agents' mean J climbs much faster.", kind="outcome",
-              hint="the advantage estimator must be unbiased and low-variance: A = Q - V, times gamma^t.")
-    ctx.scalar("J* (value iteration)", result.J_star)
-    ctx.scalar("J uniform policy", result.J_uniform)
-    for i, name in enumerate(M.ESTIMATORS):
         ctx.scalar(f"final normalized J {name} (mean)", score[-1, i].mean())
-    ctx.progress(1.0)
+    ctx.scalar("final normalized J advantage (worst agent)", score[-1, M.ESTIMATORS.index("advantage")].min())
+    ctx.scalar("J* (value iteration)", loop.J_star)
+    ctx.scalar("J uniform policy", loop.J_uniform)

@@ -30,7 +30,9 @@ __all__ = [
     "DTYPE", "FORMULAS", "ESTIMATORS", "AdvantageConfig",
     "discounted_returns", "advantage_from_q", "exact_policy_gradient", "policy_gradient_estimate",
     "layered_mdp", "shift_rewards", "replicate", "expected_return", "sample_categorical",
-    "sample_episodes", "estimator_weights", "per_episode_gradients", "TrainResult", "train",
+    "sample_episodes", "estimator_weights", "per_episode_gradients", "TestPolicy", "random_test_policy",
+    "autograd_policy_gradient", "expected_visits", "estimator_samples", "TrainResult", "train",
+    "AdvantageResult", "run",
 ]
 
 FORMULAS = [
@@ -59,11 +61,17 @@ class AdvantageConfig:
     weight_by_gamma_t: bool = True  # the gamma^t factor of step t; without it the estimate is biased
     n_episodes: int = 4_000  # episodes sampled to compare the three estimators
     z_max: float = 5.0  # Monte-Carlo bound in standard errors (for unbiasedness: the max over components)
+    min_visits: float = 200.0  # z-test only the rows of states the sample is expected to visit this often
     n_agents: int = 4  # learners per estimator in the closed loop (run in parallel as one tensor)
     episodes_per_step: int = 16  # episodes per gradient step, per agent
     train_steps: int = 150
     lr: float = 2.0  # gradient-ascent step on the logits
     target_fraction: float = 0.9  # "solved" = J reaches this fraction of the way from uniform to J*
+    # outcome bars, from `llmaudit sweep advantage` (toy seeds 0-19, full seeds 0-4)
+    min_variance_ratio_baseline: float = 3.0  # tr Cov(REINFORCE) / tr Cov(V(s) baseline); worst toy seed 4.61
+    min_variance_ratio_advantage: float = 3.0  # tr Cov(V(s) baseline) / tr Cov(advantage); worst toy seed 4.00
+    max_final_gap: float = 0.03  # the worst advantage agent's (J* - J) / (J* - J_uniform); worst toy seed 0.0168
+    min_speedup: float = 2.5  # episodes to target, REINFORCE (at least) / advantage; worst toy seed 3.1
 
     def __post_init__(self):
         if not 0.0 <= self.gamma < 1.0:
@@ -79,7 +87,8 @@ class AdvantageConfig:
 
     @classmethod
     def full(cls) -> AdvantageConfig:
-        return cls(n_episodes=40_000, n_agents=16, train_steps=200)
+        # worst full seeds 0-4: variance ratios 4.66 and 4.64, final gap 0.0113, speedup 8.0
+        return cls(n_episodes=40_000, n_agents=16, train_steps=200, max_final_gap=0.02, min_speedup=5.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,6 +264,60 @@ def per_episode_gradients(estimate: Callable, theta: torch.Tensor, states: torch
 
 
 # ---------------------------------------------------------------------------------------------------
+# The estimators at one random policy: the exact truth, and one sampled gradient per episode
+
+
+@dataclass(frozen=True)
+class TestPolicy:
+    """A random softmax policy on the layered task with its exact values and gradient: the truth."""
+
+    mdp: TabularMDP
+    theta: torch.Tensor  # (S, A) logits
+    probs: torch.Tensor  # (S, A) softmax(theta)
+    V: torch.Tensor  # (S,) V^pi
+    Q: torch.Tensor  # (S, A) Q^pi
+    J: float  # sum_s start(s) V^pi(s)
+    grad: torch.Tensor  # (S, A) dJ/dtheta by autograd through the exact evaluation
+
+
+def autograd_policy_gradient(mdp: TabularMDP, theta: torch.Tensor) -> torch.Tensor:
+    """dJ/dtheta by differentiating the exact J(theta) (linear solve and all): an oracle that knows
+    nothing of the policy gradient theorem."""
+    theta = theta.detach().clone().requires_grad_(True)
+    return torch.autograd.grad(expected_return(mdp, theta), theta)[0]
+
+
+def random_test_policy(cfg: AdvantageConfig, generator: torch.Generator) -> TestPolicy:
+    """The layered MDP of cfg and logits theta ~ theta_scale * N(0, 1), with V, Q, J and grad J."""
+    mdp = layered_mdp(cfg.n_layers, cfg.width, cfg.n_actions, cfg.gamma, cfg.reward_offset, cfg.reward_scale,
+                      generator)
+    theta = cfg.theta_scale * torch.randn(mdp.n_states, mdp.n_actions, generator=generator, dtype=DTYPE)
+    probs = torch.softmax(theta, -1)
+    V = evaluate_policy_exact(mdp.P, mdp.R, mdp.gamma, probs)
+    return TestPolicy(mdp, theta, probs, V, q_from_v(mdp.P, mdp.R, mdp.gamma, V), (mdp.start @ V).item(),
+                      autograd_policy_gradient(mdp, theta))
+
+
+def expected_visits(mdp: TabularMDP, probs: torch.Tensor, horizon: int) -> torch.Tensor:
+    """sum_{t < horizon} Pr(s_t = s) from the start distribution: how often one episode visits s. -> (S,)"""
+    P_pi = torch.einsum("sa,sat->st", probs, mdp.P)
+    dist, total = mdp.start.clone(), torch.zeros_like(mdp.start)
+    for _ in range(horizon):
+        total += dist
+        dist = dist @ P_pi
+    return total
+
+
+def estimator_samples(estimate: Callable, theta: torch.Tensor, states: torch.Tensor, actions: torch.Tensor,
+                      returns: torch.Tensor, V: torch.Tensor, A: torch.Tensor, gamma: float,
+                      weight_by_gamma_t: bool = True) -> dict[str, torch.Tensor]:
+    """One gradient sample per episode, (N, S, A), for each estimator (REINFORCE, V(s) baseline,
+    advantage), all from the same episodes."""
+    weights = estimator_weights(returns, states, actions, V, A, gamma, weight_by_gamma_t)
+    return {name: per_episode_gradients(estimate, theta, states, actions, w) for name, w in weights.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
 # The closed loop: stochastic gradient ascent on J with each estimator, many agents at once
 
 
@@ -309,3 +372,26 @@ def train(mdp: TabularMDP, cfg: AdvantageConfig, generator: torch.Generator, *,
             on_step(step)
     J = torch.stack(history).reshape(-1, E, M)
     return TrainResult(J=J, J_uniform=J_uniform, J_star=J_star)
+
+
+@dataclass
+class AdvantageResult:
+    policy: TestPolicy  # the random policy and its exact gradient
+    samples: dict[str, torch.Tensor]  # (n_episodes, S, A) per-episode gradient of each estimator
+    train: TrainResult  # the closed loop
+
+
+def run(cfg: AdvantageConfig, generator: torch.Generator, *, discounted_returns: Callable = discounted_returns,
+        advantage_from_q: Callable = advantage_from_q,
+        policy_gradient_estimate: Callable = policy_gradient_estimate) -> AdvantageResult:
+    """The day's experiment: sample the three estimators at a random policy (compare their mean with
+    policy.grad and their variances), then climb J with each of them from the uniform policy."""
+    pol = random_test_policy(cfg, generator)
+    s0 = sample_categorical(pol.mdp.start.expand(cfg.n_episodes, -1), generator)
+    states, actions, rewards = sample_episodes(pol.mdp, pol.probs, s0, cfg.n_layers, cfg.reward_noise, generator)
+    samples = estimator_samples(policy_gradient_estimate, pol.theta, states, actions,
+                                discounted_returns(rewards, cfg.gamma), pol.V, advantage_from_q(pol.Q, pol.probs),
+                                cfg.gamma, cfg.weight_by_gamma_t)
+    result = train(pol.mdp, cfg, generator, returns_fn=discounted_returns, advantage_fn=advantage_from_q,
+                   estimate_fn=policy_gradient_estimate)
+    return AdvantageResult(pol, samples, result)
