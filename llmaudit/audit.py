@@ -181,11 +181,13 @@ _BOUND = re.compile(r"^\s*(<=|>=|==|<|>|in)\s*(.+?)\s*$")
 class Bound:
     """``measured <op> value``. ``value`` is a number, the name of a config field (resolved per run),
     or for ``in`` a (low, high) pair of those. ``scale`` is what the margin is relative to: by
-    default |value| (half the width for ``in``); give it where the bound is 0."""
+    default |value| (half the width for ``in``); give it (a number or a config field) where the bound
+    is 0 or where |value| is not the natural unit (a return capped at 500: the headroom). ``scale=0``
+    marks a precondition whose margin means nothing (``each_ending >= 1``): it reports none."""
 
     op: str
     value: Any
-    scale: float | None = None
+    scale: float | str | None = None
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -203,11 +205,11 @@ class Bound:
                 return float(getattr(config, v))
             return float(v)
         value = tuple(one(v) for v in self.value) if self.op == "in" else one(self.value)
-        return Bound(self.op, value, self.scale)
+        return Bound(self.op, value, None if self.scale is None else one(self.scale))
 
     @property
     def fields(self) -> tuple[str, ...]:
-        vals = self.value if self.op == "in" else (self.value,)
+        vals = (*self.value, self.scale) if self.op == "in" else (self.value, self.scale)
         return tuple(v for v in vals if isinstance(v, str))
 
     def text(self, config: Any = None) -> str:
@@ -272,7 +274,7 @@ class Bound:
         return cls(d["op"], value, d.get("scale"))
 
 
-def bound(spec: str | Bound | tuple, scale: float | None = None) -> Bound:
+def bound(spec: str | Bound | tuple, scale: float | str | None = None) -> Bound:
     """Parse ``"< 1e-6"``, ``">= min_accuracy"``, ``"in [0.45, 0.55]"`` (or a tuple ``(op, value)``)."""
     if isinstance(spec, Bound):
         return spec if scale is None else Bound(spec.op, spec.value, scale)

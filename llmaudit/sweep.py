@@ -203,8 +203,8 @@ def to_markdown(doc: dict[str, Any], heading_level: int = 2) -> str:
     for s in doc["modules"]:
         sec = s["seconds"]
         lines += [f"{h}# {s['module']}", "",
-                  f"{len(s['seeds'])} seeds · {sec['mean']:.1f} s per seed on average (max {sec['max']:.1f} s; "
-                  f"CPU {sec['cpu_mean']:.1f} s)", ""]
+                  f"{len(s['seeds'])} seeds · {sec['cpu_mean']:.1f} s CPU per seed on average (max "
+                  f"{sec['cpu_max']:.1f} s; wall {sec['mean']:.1f} s)", ""]
         lines += ["| check | kind | kernels | pass | worst margin | measured (min … max) | bound |",
                   "|---|---|---|---|---|---|---|"]
         for c in s["checks"]:

@@ -101,6 +101,8 @@ def test_margins_are_relative_to_the_bound():
     assert bound("in [0, 1]").margin(0.25) == pytest.approx(0.5)
     assert bound("> 0").margin(1.0) is None and bound("> 0", scale=2.0).margin(1.0) == pytest.approx(0.5)
     assert bound("== 0").margin(0.0) is None
+    assert bound(">= 1", scale=0).margin(1.0) is None  # a precondition: no margin to report
+    assert bound(">= 475", scale="headroom").resolve(type("C", (), {"headroom": 100.0})()).margin(500.0) == 0.25
     assert bound("< 1").margin(NAN) == -INF
 
 

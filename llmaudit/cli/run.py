@@ -316,7 +316,8 @@ def sweep(
     else:
         console = out()
         for s in summaries:
-            console.print(f"[bold]{s['module']}[/] · {len(seed_list)} seeds · {s['seconds']['mean']:.1f} s per seed")
+            console.print(f"[bold]{s['module']}[/] · {len(seed_list)} seeds · {s['seconds']['cpu_mean']:.1f} s CPU "
+                          f"({s['seconds']['mean']:.1f} s wall) per seed")
             rows = [(mark(c["passed"] == c["n"]), c["name"] + ("" if c["meets_goal"] else " [yellow]⚠[/]"), c["kind"],
                      f"{c['passed']}/{c['n']}", margin_text(c["worst_margin"]), escape(measured_range_text(c)),
                      escape(c["expected"])) for c in s["checks"]]
