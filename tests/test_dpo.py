@@ -2,28 +2,24 @@
 task and the log-prob/KL helpers, the audit in toy/full mode, determinism, and one mutant per check."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_check_fails, audit_once
-from llmaudit.runner import configure_torch
 from modules.dpo import dpo as M
-
-configure_torch()  # one thread, as every audit runs: tiny models are slower with more
 
 DT = torch.float64
 FAST = settings(max_examples=40, deadline=None)
 LN2 = math.log(2.0)
-# a tiny run for mutants of the invariants: they do not depend on how well the loop learns
-QUICK = {"warmup_steps": "4", "n_train_prompts": "64", "n_eval_prompts": "32", "steps": "2",
-         "n_policy_samples": "16", "eval_every": "1"}
 
 logp = st.floats(-60.0, 0.0, allow_nan=False)
 betas = st.sampled_from([0.01, 0.1, 0.5, 2.0])
@@ -269,29 +265,84 @@ def test_config_rejects_bad_values():
         M.DPOConfig(beta=0.0)
 
 
+def test_digit_policy_puts_no_mass_outside_the_digits():
+    cfg = M.DPOConfig()
+    torch.manual_seed(0)
+    model = M.make_policy_model(cfg)
+    tokens = M.make_prompts(cfg, 4, torch.Generator().manual_seed(0))
+    probs = model(tokens).softmax(-1)
+    assert probs[..., cfg.n_digits:].max().item() == 0.0
+    samples = M.sample_responses(model, tokens, cfg, torch.Generator().manual_seed(1))
+    assert (samples[:, 3:] < cfg.n_digits).all()
+    plain = M.make_policy_model(dataclasses.replace(cfg, digits_only=False))
+    assert type(plain) is M.Transformer
+
+
+def test_collapse_kl_is_minus_log_prob_of_the_all_target_answer():
+    cfg = M.DPOConfig(response_len=3)
+    torch.manual_seed(0)
+    reference = M.make_policy_model(cfg)
+    seq = torch.tensor([[10, 4, 11, 4, 4, 4]])
+    one = -M.sequence_logps(reference, seq, 3).item()
+    assert one > 0
+    all_kl = M.collapse_kl(reference, cfg)
+    digits = torch.arange(10)[:, None]
+    seqs = torch.cat([torch.full((10, 1), 10), digits, torch.full((10, 1), 11), digits.expand(10, 3)], 1)
+    assert all_kl == pytest.approx(-M.sequence_logps(reference, seqs, 3).mean().item(), abs=1e-12)
+
+
+def test_run_uses_the_kernel_it_is_given_and_starts_at_the_reference():
+    cfg = M.DPOConfig(warmup_steps=5, n_train_prompts=128, n_eval_prompts=64, steps=3, eval_every=2,
+                      n_policy_samples=32, batch_size=16)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("loss_type", "sigmoid"))
+        return M.dpo_loss(*args, **kwargs)
+
+    torch.manual_seed(0)
+    result = M.run(cfg, torch.Generator().manual_seed(0), dpo_loss=spy)
+    assert len(result.history) == 3 and [e.step for e in result.evals] == [0, 2, 3]
+    assert len(calls) == 3 + 3  # one per step, one per evaluation
+    assert result.evals[0].kl == 0.0 and result.evals[0].heldout_accuracy == 0.5
+    assert result.collapse_kl > 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # The audit
 
 
-def test_audit_passes_in_toy_mode():
-    result = audit_once("dpo", "toy", 0)
+@pytest.fixture(scope="module")
+def toy_result():
+    return audit_once("dpo", "toy", 0)
+
+
+def test_audit_passes_in_toy_mode(toy_result):
+    result = toy_result
     assert result.passed, [(c.name, c.measured) for c in result.checks if not c.passed] or result.error
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "objective/kl"} <= set(result.series)
+    assert {c.kind for c in result.checks} == {"invariant", "outcome"}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_audit_passes_in_full_mode(seed):
-    result = audit_once("dpo", "full", seed)
+@pytest.mark.slow
+def test_audit_passes_in_full_mode():
+    result = audit_once("dpo", "full", 1)
     assert result.passed, [(c.name, c.measured) for c in result.checks if not c.passed] or result.error
 
 
-def test_same_seed_gives_identical_result():
-    assert audit_once("dpo", "toy", 3).to_dict() == audit_once("dpo", "toy", 3).to_dict()
+def test_same_seed_gives_identical_result(toy_result):
+    assert audit_once("dpo", "toy", 0).deterministic_dict() == toy_result.deterministic_dict()
+
+
+def test_full_bars_are_at_least_as_strict_as_toy():
+    toy, full = M.DPOConfig.toy(), M.DPOConfig.full()
+    assert full.min_margin >= toy.min_margin and full.min_accuracy >= toy.min_accuracy
+    assert full.min_gold_gain >= toy.min_gold_gain and full.max_kl_fraction <= toy.max_kl_fraction
 
 
 # ---------------------------------------------------------------------------------------------------
-# Mutants: one per check
+# Mutants: each check must fail for a plausible bug, on every seed
 
 
 def without_reference(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0):
@@ -331,63 +382,66 @@ def rewards_swapped(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0
     return losses, rr_, cr
 
 
-def test_mutant_sequence_logps_counting_the_separator_fails(monkeypatch):
-    original = M.sequence_logps
-    monkeypatch.setattr(M, "sequence_logps", lambda model, tokens, n_prompt: original(model, tokens, n_prompt - 1))
-    assert_check_fails(audit_once("dpo", "toy", 0, QUICK), "sequence_logps_sum_response_tokens_only")
+ORIGINAL_SEQUENCE_LOGPS = M.sequence_logps
 
 
-def test_mutant_without_reference_fails_ln2():
-    assert_check_fails(audit_once("dpo", "toy", 0, QUICK, dpo_loss=without_reference),
-                       "loss_is_ln2_and_rewards_zero_at_reference")
+def logps_with_the_separator(model, tokens, n_prompt):
+    return ORIGINAL_SEQUENCE_LOGPS(model, tokens, n_prompt - 1)
 
 
-def test_mutant_label_smoothing_on_one_side_fails_vectors():
-    assert_check_fails(audit_once("dpo", "toy", 0, QUICK, dpo_loss=smoothing_on_one_side),
-                       "dpo_and_cdpo_match_reference_vectors")
+def kto_unclamped(pc, pr, rc, rr, kl_p, kl_r, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    kl = (kl_p - kl_r).mean().detach()
+    chosen, rejected = 1 - torch.sigmoid(beta * (pc - rc - kl)), 1 - torch.sigmoid(beta * (kl - (pr - rr)))
+    return torch.cat([chosen, rejected]), beta * (pc - rc).detach(), beta * (pr - rr).detach(), kl
 
 
-def test_mutant_beta_outside_the_sigmoid_fails_gradient_weight():
-    assert_check_fails(audit_once("dpo", "toy", 0, QUICK, dpo_loss=beta_outside),
-                       "gradient_weight_is_sigmoid_of_reward_gap")
+def kto_kl_with_gradient(pc, pr, rc, rr, kl_p, kl_r, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    kl = (kl_p - kl_r).mean().clamp(min=0)  # not detached
+    chosen, rejected = 1 - torch.sigmoid(beta * (pc - rc - kl)), 1 - torch.sigmoid(beta * (kl - (pr - rr)))
+    return torch.cat([chosen, rejected]), beta * (pc - rc).detach(), beta * (pr - rr).detach(), kl.detach()
 
 
-def test_mutant_rewards_with_gradient_fails_detach_check():
-    assert_check_fails(audit_once("dpo", "toy", 0, QUICK, dpo_loss=not_detached), "implicit_rewards_are_detached")
+def policy_not_copied(reference):
+    """The policy loaded from another checkpoint (here: the reference with its weights perturbed)."""
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy
 
 
-def test_mutant_ipo_in_reward_units_fails_ipo_vectors():
-    assert_check_fails(audit_once("dpo", "toy", 0, QUICK, dpo_loss=ipo_scaled_wrong), "ipo_matches_reference_vectors")
+MUTANTS = [
+    Mutant("sequence_logps_sum_response_tokens_only", "the separator counted",
+           patch=lambda: mock.patch.object(M, "sequence_logps", logps_with_the_separator)),
+    Mutant("loss_is_ln2_and_rewards_zero_at_reference", "no reference", {"dpo_loss": without_reference}),
+    Mutant("loss_is_ln2_and_rewards_zero_at_reference", "policy not a copy of the reference",
+           patch=lambda: mock.patch.object(M, "policy_from_reference", policy_not_copied)),
+    Mutant("dpo_and_cdpo_match_reference_vectors", "smoothing on one side", {"dpo_loss": smoothing_on_one_side}),
+    Mutant("gradient_weight_is_sigmoid_of_reward_gap", "beta outside the sigmoid", {"dpo_loss": beta_outside}),
+    Mutant("implicit_rewards_are_detached", "rewards with a graph", {"dpo_loss": not_detached}),
+    Mutant("ipo_matches_reference_vectors", "IPO in reward units", {"dpo_loss": ipo_scaled_wrong}),
+    Mutant("kto_matches_reference_vectors", "KL baseline not clamped",
+           patch=lambda: mock.patch.object(M, "kto_loss", kto_unclamped)),
+    Mutant("kto_kl_baseline_is_detached_and_mismatched", "batch reversed",
+           patch=lambda: mock.patch.object(M, "mismatched_indices", lambda n: torch.arange(n).flip(0))),
+    Mutant("kto_kl_baseline_is_detached_and_mismatched", "KL baseline with a gradient",
+           patch=lambda: mock.patch.object(M, "kto_loss", kto_kl_with_gradient)),
+    Mutant("chosen_logp_rises_relative_to_rejected", "preference flipped", {"dpo_loss": flipped}),
+    Mutant("heldout_preference_accuracy_rises", "rewards swapped", {"dpo_loss": rewards_swapped}),
+    Mutant("heldout_preference_accuracy_rises", "rewards without the reference", {"dpo_loss": without_reference}),
+    Mutant("policy_gold_reward_improves", "preference flipped", {"dpo_loss": flipped}),
+    Mutant("policy_gold_reward_improves", "one step", overrides={"steps": "1"}),
+    Mutant("kl_to_reference_stays_below_collapse", "10x learning rate", overrides={"lr": "0.03"}),
+    Mutant("kl_to_reference_stays_below_collapse", "3x the steps", overrides={"steps": "180"}),
+    Mutant("kl_to_reference_stays_below_collapse", "policy not a copy of the reference",
+           patch=lambda: mock.patch.object(M, "policy_from_reference", policy_not_copied)),
+]
 
 
-def test_mutant_kto_without_clamp_fails_kto_vectors(monkeypatch):
-    def unclamped(pc, pr, rc, rr, kl_p, kl_r, beta, desirable_weight=1.0, undesirable_weight=1.0):
-        kl = (kl_p - kl_r).mean().detach()
-        chosen, rejected = 1 - torch.sigmoid(beta * (pc - rc - kl)), 1 - torch.sigmoid(beta * (kl - (pr - rr)))
-        return torch.cat([chosen, rejected]), beta * (pc - rc).detach(), beta * (pr - rr).detach(), kl
-    monkeypatch.setattr(M, "kto_loss", unclamped)
-    assert_check_fails(audit_once("dpo", "toy", 0, QUICK), "kto_matches_reference_vectors")
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("dpo", mutant)
 
 
-def test_mutant_kto_pairs_by_reversal_fails_mismatch_check(monkeypatch):
-    monkeypatch.setattr(M, "mismatched_indices", lambda n: torch.arange(n).flip(0))  # middle of odd n matched
-    assert_check_fails(audit_once("dpo", "toy", 0, QUICK), "kto_kl_baseline_is_detached_and_mismatched")
-
-
-def test_mutant_flipped_preference_fails_margin_and_gold():
-    result = audit_once("dpo", "toy", 0, dpo_loss=flipped)
-    assert_check_fails(result, "chosen_logp_rises_relative_to_rejected")
-    assert_check_fails(result, "policy_gold_reward_improves")
-
-
-def test_mutant_huge_learning_rate_fails_kl_bound():
-    assert_check_fails(audit_once("dpo", "toy", 0, {"lr": "0.1"}), "kl_to_reference_stays_bounded")
-
-
-def test_mutant_swapped_rewards_fails_heldout_accuracy():
-    assert_check_fails(audit_once("dpo", "toy", 0, dpo_loss=rewards_swapped),
-                       "heldout_preference_accuracy_rises_to_bar")
-
-
-def test_mutant_one_step_of_training_fails_gold_reward():
-    assert_check_fails(audit_once("dpo", "toy", 0, {"steps": "1"}), "policy_gold_reward_improves")
+def test_every_check_has_a_mutant():
+    assert_every_check_has_a_mutant("dpo", MUTANTS)

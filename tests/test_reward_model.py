@@ -3,19 +3,17 @@ hypothesis properties, the task's data, the audit in toy and full mode, one muta
 from __future__ import annotations
 
 import math
+from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_check_fails, audit_once
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modules import reward_model as M
+from modules.reward_model import reward_model as M
 from modules.transformer import Transformer
-
-# an audit run that records every invariant in a fraction of a second (no warm-up, one RM step)
-FAST = {"lm_steps": "0", "steps": "1", "warmup_steps": "0", "eval_pairs": "16", "eval_curve_pairs": "8",
-        "eval_prompts": "2", "eval_responses": "4", "pad_checks": "32"}
 
 rewards = st.lists(st.floats(-30, 30, allow_nan=False), min_size=1, max_size=16)
 
@@ -180,96 +178,142 @@ def test_margin_reaches_the_loss():
     assert torch.equal(seen[0], 0.5 * (batch.chosen_gold - batch.rejected_gold))
 
 
+# --- the closed loop, without the engine -------------------------------------------------------------
+
+def test_run_uses_the_kernels_it_is_given():
+    cfg = M.RewardModelConfig(lm_steps=2, steps=3, eval_pairs=16, eval_curve_pairs=8, eval_prompts=2,
+                              eval_responses=4)
+    calls = {"loss": 0, "reward": 0}
+
+    def loss(chosen_rewards, rejected_rewards, margin=None):
+        calls["loss"] += 1
+        return M.bradley_terry_loss(chosen_rewards, rejected_rewards, margin)
+
+    def reward(values, attention_mask):
+        calls["reward"] += 1
+        return M.last_token_rewards(values, attention_mask)
+
+    torch.manual_seed(0)
+    result = M.run(cfg, torch.Generator().manual_seed(0), bradley_terry_loss=loss, last_token_rewards=reward)
+    assert calls["loss"] == cfg.steps and calls["reward"] >= cfg.steps
+    assert result.scores.shape == result.gold.shape == (2, 4) and len(result.history) == cfg.steps
+
+
 # --- the audit ---------------------------------------------------------------------------------------
 
 def test_audit_passes_toy_and_is_deterministic():
     a = audit_once("reward_model", "toy", 0)
     assert a.passed, [(c.name, c.measured) for c in a.checks if not c.passed] or a.error
     assert {"train/loss", "eval/accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(a.series)
+    assert {c.kind for c in a.checks} == {"invariant", "outcome"}
     b = audit_once("reward_model", "toy", 0)
-    assert a.to_dict() == b.to_dict()
+    assert a.deterministic_dict() == b.deterministic_dict()
 
 
-def test_audit_passes_full_seeds_0_and_1():
-    for seed in (0, 1):
-        r = audit_once("reward_model", "full", seed)
-        assert r.passed, (seed, [(c.name, c.measured) for c in r.checks if not c.passed] or r.error)
+@pytest.mark.slow
+def test_audit_passes_full():
+    r = audit_once("reward_model", "full", 1)
+    assert r.passed, [(c.name, c.measured) for c in r.checks if not c.passed] or r.error
 
 
-# --- mutants: one per check ----------------------------------------------------------------------------
-
-def test_mutant_hinge_loss_is_not_ln2():
-    def hinge(chosen_rewards, rejected_rewards, margin=None):
-        gap = chosen_rewards - rejected_rewards
-        return F.relu(1 - gap).mean(), (gap > 0).float().mean()
-    assert_check_fails(audit_once("reward_model", overrides=FAST, bradley_terry_loss=hinge),
-                       "loss_is_ln2_when_rewards_equal")
+def test_full_bars_are_at_least_as_strict_as_toy():
+    toy, full = M.RewardModelConfig.toy(), M.RewardModelConfig.full()
+    assert full.min_accuracy >= toy.min_accuracy and full.min_spearman >= toy.min_spearman
 
 
-def test_mutant_margin_added_breaks_reference_vector():
-    def plus_margin(chosen_rewards, rejected_rewards, margin=None):
-        gap = chosen_rewards - rejected_rewards + (0.0 if margin is None else margin)
-        return -F.logsigmoid(gap).mean(), (chosen_rewards > rejected_rewards).float().mean()
-    assert_check_fails(audit_once("reward_model", overrides=FAST, bradley_terry_loss=plus_margin),
-                       "loss_matches_trl_reference_vector")
+# --- mutants: each check must fail for a plausible bug, on every seed ----------------------------------
+
+def hinge(chosen_rewards, rejected_rewards, margin=None):
+    gap = chosen_rewards - rejected_rewards
+    return F.relu(1 - gap).mean(), (gap > 0).float().mean()
 
 
-def test_mutant_ties_counted_as_wins_breaks_reference_vector():
-    def ties_win(chosen_rewards, rejected_rewards, margin=None):
-        loss, _ = M.bradley_terry_loss(chosen_rewards, rejected_rewards, margin)
-        return loss, (chosen_rewards >= rejected_rewards).float().mean()
-    assert_check_fails(audit_once("reward_model", overrides=FAST, bradley_terry_loss=ties_win),
-                       "loss_matches_trl_reference_vector")
+def plus_margin(chosen_rewards, rejected_rewards, margin=None):
+    gap = chosen_rewards - rejected_rewards + (0.0 if margin is None else margin)
+    return -F.logsigmoid(gap).mean(), (chosen_rewards > rejected_rewards).float().mean()
 
 
-def test_mutant_pointwise_loss_is_not_shift_invariant():
-    def pointwise(chosen_rewards, rejected_rewards, margin=None):  # "chosen high, rejected low", separately
-        loss = -(F.logsigmoid(chosen_rewards) + F.logsigmoid(-rejected_rewards)).mean() / 2 + math.log(2) / 2
-        return loss, (chosen_rewards > rejected_rewards).float().mean()
-    assert_check_fails(audit_once("reward_model", overrides=FAST, bradley_terry_loss=pointwise),
-                       "loss_is_invariant_to_reward_shift")
+def ties_win(chosen_rewards, rejected_rewards, margin=None):
+    loss, _ = M.bradley_terry_loss(chosen_rewards, rejected_rewards, margin)
+    return loss, (chosen_rewards >= rejected_rewards).float().mean()
 
 
-def test_mutant_detached_rejected_breaks_gradient():
-    def detached(chosen_rewards, rejected_rewards, margin=None):
-        return M.bradley_terry_loss(chosen_rewards, rejected_rewards.detach(), margin)
-    assert_check_fails(audit_once("reward_model", overrides=FAST, bradley_terry_loss=detached),
-                       "loss_gradient_is_sigmoid_of_reward_gap")
+def pointwise(chosen_rewards, rejected_rewards, margin=None):  # "chosen high, rejected low", separately
+    loss = -(F.logsigmoid(chosen_rewards) + F.logsigmoid(-rejected_rewards)).mean() / 2 + math.log(2) / 2
+    return loss, (chosen_rewards > rejected_rewards).float().mean()
 
 
-def test_mutant_summed_loss_breaks_gradient():
-    def summed(chosen_rewards, rejected_rewards, margin=None):
-        gap = chosen_rewards - rejected_rewards - (0.0 if margin is None else margin)
-        return -F.logsigmoid(gap).sum(), (chosen_rewards > rejected_rewards).float().mean()
-    assert_check_fails(audit_once("reward_model", overrides=FAST, bradley_terry_loss=summed),
-                       "loss_gradient_is_sigmoid_of_reward_gap")
+def detached_rejected(chosen_rewards, rejected_rewards, margin=None):
+    return M.bradley_terry_loss(chosen_rewards, rejected_rewards.detach(), margin)
 
 
-def test_mutant_log_of_sigmoid_overflows():
-    def naive(chosen_rewards, rejected_rewards, margin=None):
-        gap = chosen_rewards - rejected_rewards - (0.0 if margin is None else margin)
-        return -torch.log(torch.sigmoid(gap)).mean(), (chosen_rewards > rejected_rewards).float().mean()
-    assert_check_fails(audit_once("reward_model", overrides=FAST, bradley_terry_loss=naive),
-                       "loss_is_finite_for_large_reward_gaps")
+def summed(chosen_rewards, rejected_rewards, margin=None):
+    gap = chosen_rewards - rejected_rewards - (0.0 if margin is None else margin)
+    return -F.logsigmoid(gap).sum(), (chosen_rewards > rejected_rewards).float().mean()
 
 
-def test_mutant_score_read_at_last_column_or_first_pad():
-    def last_column(values, attention_mask):
-        return values[:, -1]
-
-    def first_pad(values, attention_mask):  # off by one: mask.sum() is the index of the first pad
-        return values.gather(1, attention_mask.long().sum(1, keepdim=True)).squeeze(1)
-    for mutant in (last_column, first_pad):
-        assert_check_fails(audit_once("reward_model", overrides=FAST, last_token_rewards=mutant),
-                           "padding_does_not_change_reward")
+def log_of_sigmoid(chosen_rewards, rejected_rewards, margin=None):
+    gap = chosen_rewards - rejected_rewards - (0.0 if margin is None else margin)
+    return -torch.log(torch.sigmoid(gap)).mean(), (chosen_rewards > rejected_rewards).float().mean()
 
 
-def test_mutant_swapped_pair_order_ranks_backwards():
-    def swapped(chosen_rewards, rejected_rewards, margin=None):  # the classic chosen/rejected mix-up
-        return M.bradley_terry_loss(rejected_rewards, chosen_rewards, margin)
-    assert_check_fails(audit_once("reward_model", "toy", 0, bradley_terry_loss=swapped), "heldout_pairwise_accuracy")
+def swapped_pair(chosen_rewards, rejected_rewards, margin=None):  # the classic chosen/rejected mix-up
+    return M.bradley_terry_loss(rejected_rewards, chosen_rewards, margin)
 
 
-def test_mutant_flipped_labels_do_not_correlate_with_gold():
-    assert_check_fails(audit_once("reward_model", "toy", 0, overrides={"label_noise": "1.0"}),
-                       "reward_correlates_with_gold")
+def last_column(values, attention_mask):
+    return values[:, -1]
+
+
+def first_pad(values, attention_mask):  # off by one: mask.sum() is the index of the first pad
+    return values.gather(1, attention_mask.long().sum(1, keepdim=True).clamp_max(values.shape[1] - 1)).squeeze(1)
+
+
+def sum_minus_one(values, attention_mask):  # right for right padding only
+    return values.gather(1, attention_mask.long().sum(1, keepdim=True) - 1).squeeze(1)
+
+
+def mean_over_real_tokens(values, attention_mask):  # pools the prompt (and every response token) in
+    m = attention_mask.to(values.dtype)
+    return (values * m).sum(1) / m.sum(1)
+
+
+def end_of_prompt(values, attention_mask):  # <sep>: the prompt alone, the same for both answers of a pair
+    return values[:, 2]
+
+
+def gold_counting_the_prompt(tokens):
+    return (tokens[:, 1:] == tokens[:, 1:2]).sum(dim=1).float()
+
+
+MUTANTS = [
+    Mutant("loss_is_ln2_when_rewards_equal", "hinge loss", {"bradley_terry_loss": hinge}),
+    Mutant("loss_matches_trl_reference_vector", "margin added", {"bradley_terry_loss": plus_margin}),
+    Mutant("loss_matches_trl_reference_vector", "ties count as wins", {"bradley_terry_loss": ties_win}),
+    Mutant("loss_is_invariant_to_reward_shift", "pointwise loss", {"bradley_terry_loss": pointwise}),
+    Mutant("loss_gradient_is_sigmoid_of_reward_gap", "rejected detached", {"bradley_terry_loss": detached_rejected}),
+    Mutant("loss_gradient_is_sigmoid_of_reward_gap", "summed over pairs", {"bradley_terry_loss": summed}),
+    Mutant("loss_is_finite_for_large_reward_gaps", "log of sigmoid", {"bradley_terry_loss": log_of_sigmoid}),
+    Mutant("reads_the_rightmost_real_token_under_left_and_right_padding", "mask.sum() - 1",
+           {"last_token_rewards": sum_minus_one}),
+    Mutant("reads_the_rightmost_real_token_under_left_and_right_padding", "last column",
+           {"last_token_rewards": last_column}),
+    Mutant("reward_ignores_prompt_and_earlier_positions", "mean over real tokens",
+           {"last_token_rewards": mean_over_real_tokens}),
+    Mutant("padding_does_not_change_reward", "last column", {"last_token_rewards": last_column}),
+    Mutant("padding_does_not_change_reward", "first pad", {"last_token_rewards": first_pad}),
+    Mutant("gold_reward_counts_the_response_only", "prompt digit counted",
+           patch=lambda: mock.patch.object(M, "gold_reward", gold_counting_the_prompt)),
+    Mutant("heldout_pairwise_accuracy", "chosen and rejected swapped", {"bradley_terry_loss": swapped_pair}),
+    Mutant("heldout_pairwise_accuracy", "score read at the end of the prompt", {"last_token_rewards": end_of_prompt}),
+    Mutant("reward_correlates_with_gold", "every label flipped", overrides={"label_noise": "1.0"}),
+]
+
+
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("reward_model", mutant)
+
+
+def test_every_check_has_a_mutant():
+    assert_every_check_has_a_mutant("reward_model", MUTANTS)

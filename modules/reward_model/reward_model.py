@@ -35,7 +35,7 @@ __all__ = [
     "special_tokens", "sample_targets", "sample_sequences", "gold_reward", "Pairs", "preference_pairs", "lm_batch",
     "model_config", "warmup_language_model", "reward_model_from_lm", "token_values", "score",
     "center_penalty", "train_reward_model", "pairwise_accuracy", "average_ranks", "pearson", "spearman",
-    "within_prompt_spearman",
+    "within_prompt_spearman", "RewardModelResult", "run",
 ]
 
 FORMULAS = [
@@ -79,8 +79,9 @@ class RewardModelConfig:
     eval_responses: int = 32  # ... and responses per prompt
     pad_checks: int = 256  # sequences scored padded vs alone
     extra_pad: int = 3  # extra padding columns appended in the padding check
-    min_accuracy: float = 0.9  # outcome bar: held-out pairwise accuracy
-    min_spearman: float = 0.85  # outcome bar: within-prompt Spearman correlation of the score with gold
+    # outcome bars from `llmaudit sweep reward_model` (toy seeds 0-19, full seeds 0-4), the same in both modes:
+    min_accuracy: float = 0.88  # held-out pairwise accuracy; worst seed 0.992 toy, 0.979 full
+    min_spearman: float = 0.85  # within-prompt Spearman of the score with gold; worst 0.963 toy, 0.949 full
 
     def __post_init__(self):
         if not 1 <= self.min_len <= self.max_len:
@@ -98,8 +99,10 @@ class RewardModelConfig:
 
     @classmethod
     def full(cls) -> RewardModelConfig:
-        return cls(target_from_prompt=True, lm_steps=500, steps=400, warmup_steps=30, eval_every=25,
-                   eval_pairs=2048, eval_prompts=128, pad_checks=1024, min_accuracy=0.9, min_spearman=0.8)
+        # twice the pairs per step: with 5 % flipped labels the larger batch is what lifts the worst seed
+        # (32 pairs x 400 steps: worst of seeds 0-4 0.925 accuracy, 0.887 Spearman)
+        return cls(target_from_prompt=True, lm_steps=500, steps=300, batch_pairs=64, warmup_steps=30, eval_every=25,
+                   eval_pairs=2048, eval_prompts=128, pad_checks=1024)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,12 +132,14 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 def last_token_rewards(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Read each sequence's reward at its last real (non-pad) token.
+    """Read each sequence's reward at its last real (non-pad) token, for left or right padding.
 
     values: (B, T) float, the value head's output at every position. attention_mask: (B, T), 1/True
     for real tokens and 0/False for padding; each row has at least one real token. Returns (B,):
-    values[b, t_b] with t_b the RIGHTMOST position whose mask is 1 (for right padding that is
-    mask[b].sum() - 1, the <eos> token; neither the last column nor the first pad).
+    values[b, t_b] with t_b the RIGHTMOST position whose mask is 1. For right padding that is
+    mask[b].sum() - 1, the <eos> token (neither the last column, a pad, nor mask.sum(), the first
+    pad); for left padding it is the last column, T - 1 (not mask.sum() - 1). No other position,
+    prompt included, may change the result: r(x, y) is the value at the end of the response.
     """
     T = values.shape[1]
     positions = torch.arange(T, device=values.device)
@@ -353,3 +358,50 @@ def within_prompt_spearman(scores: torch.Tensor, gold: torch.Tensor) -> float:
     """Mean over prompts of the Spearman correlation among that prompt's responses: (P, R) -> float.
     BT fixes rewards only up to a per-prompt constant, so this is the correlation it promises."""
     return sum(spearman(s, g) for s, g in zip(scores, gold)) / scores.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiment: warm up a backbone, train the RM on noisy pairs, compare it with the gold reward
+
+
+@dataclass
+class RewardModelResult:
+    """What ``run`` measured. Accuracies are on clean held-out pairs (ties count as errors)."""
+
+    rm: Transformer  # the trained reward model
+    lm_history: list[dict]  # the backbone's next-token warm-up (train() records)
+    history: list[dict]  # one record per RM step (see train_reward_model)
+    accuracy_before: float  # held-out pairwise accuracy of the fresh value head
+    accuracy_after: float  # ... after training
+    curve_accuracy_after: float  # the last point of the eval curve (its first eval_curve_pairs pairs)
+    scores: torch.Tensor  # (eval_prompts, eval_responses) RM scores of held-out responses
+    gold: torch.Tensor  # (eval_prompts, eval_responses) their gold rewards
+
+    @property
+    def within_prompt_spearman(self) -> float:
+        return within_prompt_spearman(self.scores, self.gold)
+
+
+def run(cfg: RewardModelConfig, generator: torch.Generator, *,
+        bradley_terry_loss: Callable = bradley_terry_loss, last_token_rewards: Callable = last_token_rewards,
+        on_step: Callable[[int, dict], None] | None = None) -> RewardModelResult:
+    """The closed loop: warm-up LM -> value head -> Bradley-Terry training on noisy pairs -> held-out
+    accuracy and agreement with the gold reward. Every random draw comes from ``generator`` (model
+    weights from the global RNG); the two kernels are what the loop uses to train and to score."""
+    lm, lm_history = warmup_language_model(cfg, generator)
+    rm = reward_model_from_lm(lm, cfg.head_init_std)
+    pad = special_tokens(cfg)[3]
+    eval_pairs = preference_pairs(cfg, cfg.eval_pairs, generator)
+    curve_pairs = eval_pairs.head(cfg.eval_curve_pairs)
+    before = pairwise_accuracy(rm, eval_pairs, pad, last_token_rewards)
+    history = train_reward_model(rm, cfg, generator, loss_fn=bradley_terry_loss, reward_fn=last_token_rewards,
+                                 eval_pairs=curve_pairs, on_step=on_step)
+    after = pairwise_accuracy(rm, eval_pairs, pad, last_token_rewards)
+    curve_after = pairwise_accuracy(rm, curve_pairs, pad, last_token_rewards)
+    prompts = sample_targets(cfg, cfg.eval_prompts, generator)
+    responses = sample_sequences(cfg, prompts.repeat_interleave(cfg.eval_responses), generator)
+    with torch.no_grad():
+        rm.eval()
+        scores = score(rm, responses, pad, last_token_rewards)
+    return RewardModelResult(rm, lm_history, history, before, after, curve_after,
+                             scores.view(cfg.eval_prompts, -1), gold_reward(responses).view(cfg.eval_prompts, -1))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.tokenizer import IM_END, IM_START, PAD, SPECIAL_TOKENS, Tokenizer, render_chatml, train_bpe
-from modules.training import IGNORE_INDEX, OptimConfig, configure_optimizer, lm_nll, train
+from modules.training import IGNORE_INDEX, OptimConfig, configure_optimizer, lm_nll, perplexity, train
 from modules.transformer import ModelConfig, Transformer, generate
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "build_tokenizer", "assistant_labels", "encode_chat", "pad_batch", "chat_prompts",
     "NOISE_WORDS", "noise_line", "pretrain_stream", "stream_batch", "SFTData", "build_data",
     "model_config", "pretrain", "supervised_finetune",
-    "greedy_replies", "chat_exact_match", "raw_exact_match",
+    "greedy_replies", "chat_exact_match", "raw_exact_match", "SFTResult", "run",
 ]
 
 FORMULAS = [
@@ -79,11 +79,12 @@ class SFTConfig:
     mask_prompt: bool = True  # labels -100 on system/user turns (False: learn every token, as pretraining)
     eval_every: int = 20  # SFT steps between held-out evaluations
     grad_check_batch: int = 8  # conversations in the masked-gradient check
-    min_exact_match: float = 0.8  # outcome bar: held-out exact match after SFT
-    min_raw_accuracy: float = 0.8  # outcome bar: pretrained model on "a+b=" in raw text
-    max_base_format_rate: float = 0.05  # outcome bar: pretrained-only model emitting "answer<|im_end|>"
-    min_format_rate: float = 0.9  # outcome bar: the same rate after SFT
-    min_loss_drop: float = 0.5  # outcome bar: SFT train loss (last 10%) / (first 10%) <= 1 - this
+    # outcome bars from `llmaudit sweep sft` (toy seeds 0-19, full seeds 0-4), each below the worst seed:
+    max_loss_ratio: float = 0.65  # SFT loss, mean of the last 10% of steps / the first 10%; worst toy 0.568
+    max_base_format_rate: float = 0.05  # pretrained-only model emitting a well-formed reply + <|im_end|>; all 0
+    min_format_rate: float = 0.9  # the same rate after SFT; all 1.0
+    min_raw_accuracy: float = 0.9  # full only: pretrained model continuing "a+b=" in raw text; all 1.0
+    min_exact_match: float = 0.8  # full only: held-out exact match after SFT (31 prompts); worst 0.903
 
     def __post_init__(self):
         if not self.ops or set(self.ops) - set("+-*"):
@@ -95,16 +96,15 @@ class SFTConfig:
 
     @classmethod
     def toy(cls) -> SFTConfig:
-        # a smoke run: the pipeline, the invariants and the chat format; 100 pretraining steps do not
-        # learn the addition table, so the knowledge bars are only set in full mode
+        # a smoke run of the pipeline, the invariants and the chat format: 60 pretraining steps do not
+        # learn the addition table, so the two knowledge checks run in full mode only
         return cls(ops="+", max_operand=4, pretrain_steps=60, pretrain_lr=1e-2, pretrain_noise_fraction=0.0,
-                   sft_steps=40, sft_lr=5e-3, eval_every=10, min_exact_match=0.0, min_raw_accuracy=0.0,
-                   min_loss_drop=0.4)
+                   sft_steps=40, sft_lr=5e-3, eval_every=10)
 
     @classmethod
     def full(cls) -> SFTConfig:
-        return cls(pretrain_steps=600, sft_steps=250, sft_lr=5e-3, held_out_fraction=0.2, eval_every=25, min_exact_match=0.9,
-                   min_raw_accuracy=0.95)
+        return cls(pretrain_steps=600, sft_steps=250, sft_lr=5e-3, held_out_fraction=0.2, eval_every=25,
+                   max_loss_ratio=0.5)  # worst full loss ratio 0.427
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -402,3 +402,68 @@ def raw_exact_match(model: Transformer, facts: list, tok: Tokenizer) -> float:
     out = generate(model, prompts, n_new)[:, prompts.shape[1]:].tolist()
     hits = sum(tok.decode(row).split("\n")[0] == f[1] for row, f in zip(out, facts))
     return hits / len(facts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiment: pretrain, look at the base model, fine-tune, look again
+
+
+@dataclass
+class SFTResult:
+    """What ``run`` measured. Exact match and format rate are on the held-out prompts unless named."""
+
+    data: SFTData
+    model: Transformer  # after both stages
+    pretrain_history: list[dict]  # train() records of pretraining
+    sft_history: list[dict]  # train() records of SFT (loss = the kernel's mean over supervised tokens)
+    raw_accuracy: float  # pretrained model: '\n3+4=' continued with '7\n', over every fact
+    base_exact_match: float  # pretrained model on ChatML prompts
+    base_format_rate: float
+    exact_match: float  # after SFT
+    format_rate: float
+    seen_exact_match: float  # after SFT, on the SFT prompts themselves
+    evals: list[tuple[int, float, float]]  # (SFT step, held-out loss, held-out exact match)
+    heldout_perplexity: float  # exp(held-out loss) on the reply tokens after SFT
+
+    @property
+    def loss_ratio(self) -> float:
+        """Mean SFT loss over the last 10 % of steps / over the first 10 % (NaN if the first is 0)."""
+        losses = [h["loss"] for h in self.sft_history]
+        k = max(1, len(losses) // 10)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        return last / first if first > 0 else float("nan")
+
+
+def run(cfg: SFTConfig, generator: torch.Generator, *, sft_loss: Callable = sft_loss, data: SFTData | None = None,
+        on_progress: Callable[[float], None] | None = None) -> SFTResult:
+    """The closed loop: pretraining on raw text, the base model measured on raw text and in ChatML,
+    SFT with the ``sft_loss`` kernel (held-out loss and exact match every ``eval_every`` steps), and
+    the fine-tuned model measured again. Weights come from the global RNG, data from ``generator``."""
+    data = data if data is not None else build_data(cfg, generator)
+    tok, progress = data.tok, on_progress or (lambda fraction: None)
+    model = Transformer(model_config(cfg, tok.vocab_size))
+    pre = pretrain(model, data, cfg, generator, on_step=lambda i, r: progress(0.6 * (i + 1) / cfg.pretrain_steps))
+    raw = raw_exact_match(model, data.sft_facts + data.held_out_facts, tok)
+    chat = lambda facts: chat_exact_match(model, facts, tok, cfg.system_prompt, cfg.echo_question)  # noqa: E731
+    base_em, base_format = chat(data.held_out_facts)
+    held_ids, held_labels = pad_batch(data.held_out_examples, data.pad_id)
+    evals: list[tuple[int, float, float]] = []
+
+    def evaluate(step: int) -> None:
+        with torch.no_grad():
+            loss = float(sft_loss(model(held_ids), held_labels))
+        evals.append((step, loss, chat(data.held_out_facts)[0]))
+        model.train()
+
+    def on_step(i: int, record: dict) -> None:
+        if (i + 1) % cfg.eval_every == 0 or i + 1 == cfg.sft_steps:
+            evaluate(i + 1)
+        progress(0.6 + 0.4 * (i + 1) / cfg.sft_steps)
+
+    evaluate(0)
+    history = supervised_finetune(model, data, cfg, generator, loss_kernel=sft_loss, on_step=on_step)
+    em, fmt = chat(data.held_out_facts)
+    with torch.no_grad():
+        ppl = perplexity(model(held_ids)[:, :-1], held_labels[:, 1:])
+    return SFTResult(data, model, pre, history, raw, base_em, base_format, em, fmt, chat(data.sft_facts)[0],
+                     evals, ppl)
