@@ -80,6 +80,7 @@ def main() -> int:
             rows.append({"module": m, "check": mu.check, "what": mu.what, "mode": mu.mode,
                          "seeds": [r["seed"] for r in runs], "survived_on": survived,
                          "raised_on": [r["seed"] for r in runs if r["raised"]],
+                         "measured": [r["measured"] for r in runs],
                          "seconds": round(sum(r["seconds"] for r in runs), 2)})
     doc = {"schema": "llmaudit.mutants/v1", "command": "python scripts/mutant_sweep.py " + " ".join(sys.argv[1:]),
            "ok": all(not r["survived_on"] for r in rows), "mutants": rows}

@@ -86,7 +86,9 @@ def assert_every_check_has_a_mutant(module: str, mutants: list[Mutant]) -> None:
 
 
 def mutant_params(mutants: list[Mutant]) -> Any:
-    return pytest.mark.parametrize("mutant", mutants, ids=[m.id for m in mutants])
+    """Parametrize a test over mutants; full-mode mutants are marked slow."""
+    return pytest.mark.parametrize("mutant", [pytest.param(m, id=m.id, marks=[pytest.mark.slow] if m.mode == "full" else [])
+                                              for m in mutants])
 
 
 @pytest.fixture
