@@ -3,22 +3,20 @@ loops), the plain quiz helper, the warm-up data, the audit in toy/full mode, det
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_check_fails, audit_once
-from llmaudit.runner import configure_torch
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from modules.grpo import grpo as M
 from modules.ppo.core import kl_estimators
 
-configure_torch()
-
 DT = torch.float64
 FAST = settings(max_examples=40, deadline=None)
-# a short run for mutants of invariants: they do not depend on how well the loop learns
+# a short run for determinism and the invariants: they do not depend on how well the loop learns
 QUICK = {"warmup_steps": "60", "steps": "3", "eval_samples": "1", "prompts_per_step": "8"}
 MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -199,6 +197,32 @@ def test_demonstrations_mask_the_prompt_and_padding():
     assert (targets == 2).sum(1).eq(1).all()  # exactly one EOS target per row
 
 
+def test_policy_batch_keeps_every_answer_except_under_dapo():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    N, T = len(rewards), 3
+    ro = M.Rollout(torch.zeros(N, 5 + T, dtype=torch.long), torch.ones(N, T), rewards, torch.zeros(N, dtype=torch.long),
+                   torch.zeros(N, T), torch.zeros(N, T))
+    full = M.policy_batch(ro, M.GRPOConfig(group_size=4))
+    assert full.groups_kept == 3 and torch.equal(full.advantages, M.grpo_advantages(rewards, 4))
+    dapo = M.policy_batch(ro, M.GRPOConfig(group_size=4, variant="dapo"))
+    assert dapo.groups_kept == 2 and len(dapo.advantages) == 8 and dapo.mask.shape == (8, T)
+    assert torch.equal(dapo.advantages, M.grpo_advantages(rewards, 4)[torch.tensor([1] * 4 + [0] * 4 + [1] * 4).bool()])
+
+
+def test_run_trains_a_copy_and_keeps_the_reference_frozen():
+    cfg = M.GRPOConfig(task="logic", max_new_tokens=2, warmup_steps=20, steps=2, eval_samples=1, prompts_per_step=16,
+                       eval_every=1)
+    torch.manual_seed(0)
+    sft, _ = M.warm_up_policy(cfg, torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in sft.parameters()]
+    result = M.run(cfg, torch.Generator().manual_seed(1), sft=sft)
+    assert all(torch.equal(a, b) for a, b in zip(before, sft.parameters()))  # the SFT policy is not modified
+    assert all(torch.equal(a, b) for a, b in zip(before, result.reference.parameters()))
+    assert not any(p.requires_grad for p in result.reference.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, result.policy.parameters()))
+    assert len(result.history) == 2 and [e.step for e in result.evals] == [0, 1, 2]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The audit
 
@@ -209,8 +233,11 @@ def test_audit_passes_in_toy_mode():
     assert {"reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/region_mean",
             "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length", "eval/accuracy_easy",
             "eval/accuracy_hard"} <= set(result.series)
+    assert result.scalars["parameters: policy (trained)"] == result.scalars["parameters: reference (frozen)"] > 0
+    assert result.scalars["reference drift from the SFT policy"] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_audit_passes_in_full_mode(seed):
     result = audit_once("grpo", "full", seed)
@@ -219,127 +246,153 @@ def test_audit_passes_in_full_mode(seed):
 
 def test_same_seed_gives_identical_result_and_quick_invariants_pass():
     a, b = audit_once("grpo", "toy", 3, QUICK), audit_once("grpo", "toy", 3, QUICK)
-    assert a.to_dict() == b.to_dict()
+    assert a.deterministic_dict() == b.deterministic_dict()
     assert all(c.passed for c in a.checks if c.kind == "invariant"), [c.name for c in a.checks if not c.passed]
 
 
+def test_a_check_alone_gives_the_numbers_of_the_whole_audit():
+    whole = audit_once("grpo", "toy", 3, QUICK)
+    alone = audit_once("grpo", "toy", 3, QUICK, only=["dapo_update_is_a_token_mean_over_groups_with_signal"])
+    assert alone.checks[0].to_dict() == whole.check("dapo_update_is_a_token_mean_over_groups_with_signal").to_dict()
+
+
 # ---------------------------------------------------------------------------------------------------
-# Mutants: one per check
+# Mutants
 
 
-def population_std(rewards, group_size, scale_rewards=True, eps=1e-6):
-    r = rewards.view(-1, group_size)
-    adv = r - r.mean(1, keepdim=True)
-    if scale_rewards:
-        adv = adv / (r.std(1, unbiased=False, keepdim=True) + eps)
-    return torch.where(adv.abs() < 1e-7, 0.0, adv).reshape(-1)
+def advantages_with(*, population_std=False, batch_baseline=False, guard=True, eps=None, ignore_scale=False,
+                    sign=1.0, interleaved=False):
+    """A configurable wrong grpo_advantages (the reference when every option is left at its default)."""
+    def fn(rewards, group_size, scale_rewards=True, eps_=1e-6):
+        e = eps_ if eps is None else eps
+        # interleaved: view(G, -1) read column-wise, so "groups" mix answers of different prompts
+        r = rewards.view(group_size, -1).t() if interleaved else rewards.view(-1, group_size)
+        if batch_baseline:
+            mean, std = r.mean(), r.std()
+        else:
+            mean, std = r.mean(1, keepdim=True), r.std(1, unbiased=not population_std, keepdim=True)
+        adv = r - mean
+        if scale_rewards or ignore_scale:
+            adv = adv / (std + e)
+        if guard:
+            constant = (r.max(1, keepdim=True).values - r.min(1, keepdim=True).values) <= 1e-6
+            adv = torch.where(constant, torch.zeros_like(adv), adv)
+        adv = sign * adv
+        return adv.t().reshape(-1) if interleaved else adv.reshape(-1)
+    return fn
 
 
-def batch_mean(rewards, group_size, scale_rewards=True, eps=1e-6):
-    adv = rewards - rewards.mean()
-    return adv / (rewards.std() + eps) if scale_rewards else adv
+def loss_with(*, clip=True, use_min=False, symmetric=False, kl_to_old=False, k3_sign=False, mode=None,
+              multiply_mask=False, pad_counts=False):
+    """A configurable wrong grpo_loss (the reference when every option is left at its default)."""
+    def fn(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, clip_eps_low=0.2, clip_eps_high=0.2,
+           beta=0.04, loss_agg_mode="seq-mean-token-mean"):
+        valid = response_mask.bool()
+        agg = mode or loss_agg_mode
+        ref = old_logprobs if kl_to_old else ref_logprobs
+        if multiply_mask:
+            lp, old = logprobs, old_logprobs
+        else:
+            zero = torch.zeros_like(logprobs)
+            lp, old, ref = (torch.where(valid, x, zero) for x in (logprobs, old_logprobs, ref))
+        ratio = torch.exp(lp - old)
+        hi = clip_eps_low if symmetric else clip_eps_high
+        clipped = torch.clamp(ratio, 1 - clip_eps_low, 1 + hi) if clip else ratio
+        A = advantages[:, None]
+        pg = (torch.minimum if use_min else torch.maximum)(-A * ratio, -A * clipped)
+        x = (lp - ref) if k3_sign else (ref - lp)
+        per_token = pg + beta * (torch.exp(x) - x - 1)
+        per_token = per_token * response_mask if multiply_mask else torch.where(valid, per_token,
+                                                                                 torch.zeros_like(per_token))
+        m = response_mask
+        if agg == "token-mean":
+            loss = per_token.sum() / m.sum()
+        elif agg == "seq-mean-token-mean":
+            lengths = torch.full_like(m.sum(-1), m.shape[1]) if pad_counts else m.sum(-1)
+            loss = (per_token.sum(-1) / lengths).mean()
+        elif agg == "seq-mean-token-sum":
+            loss = per_token.sum(-1).mean()
+        else:
+            loss = per_token.sum() / m.shape[1]
+        return loss, per_token
+    return fn
 
 
-def no_guard_no_eps(rewards, group_size, scale_rewards=True, eps=1e-6):
-    r = rewards.view(-1, group_size)
-    adv = r - r.mean(1, keepdim=True)
-    return (adv / r.std(1, keepdim=True) if scale_rewards else adv).reshape(-1)
-
-
-def always_scaled(rewards, group_size, scale_rewards=True, eps=1e-6):
-    return M.grpo_advantages(rewards, group_size, True, eps)
-
-
-def flipped(rewards, group_size, scale_rewards=True, eps=1e-6):
-    return -M.grpo_advantages(rewards, group_size, scale_rewards, eps)
-
-
-def unclipped(lp, old, ref, adv, mask, lo=0.2, hi=0.2, beta=0.04, mode="seq-mean-token-mean"):
-    return M.grpo_loss(lp, old, ref, adv, mask, 1e9, 1e9, beta, mode)
-
-
-def kl_to_old(lp, old, ref, adv, mask, lo=0.2, hi=0.2, beta=0.04, mode="seq-mean-token-mean"):
-    return M.grpo_loss(lp, old, old, adv, mask, lo, hi, beta, mode)
-
-
-def always_token_mean(lp, old, ref, adv, mask, lo=0.2, hi=0.2, beta=0.04, mode="seq-mean-token-mean"):
-    return M.grpo_loss(lp, old, ref, adv, mask, lo, hi, beta, "token-mean")
-
-
-def multiply_by_mask(lp, old, ref, adv, mask, lo=0.2, hi=0.2, beta=0.04, mode="seq-mean-token-mean"):
-    ratio = torch.exp(lp - old)
-    pg = torch.maximum(-adv[:, None] * ratio, -adv[:, None] * ratio.clamp(1 - lo, 1 + hi))
-    per = (pg + beta * (torch.exp(ref - lp) - (ref - lp) - 1)) * mask
-    return per.sum() / mask.sum(), per
-
-
-def test_mutant_population_std_fails_vectors():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_advantages=population_std),
-                       "advantages_match_reference_vectors")
-
-
-def test_mutant_batch_mean_fails_group_sums():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_advantages=batch_mean),
-                       "advantages_sum_to_zero_within_each_group")
-
-
-def test_mutant_without_guard_or_eps_fails_zero_groups():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_advantages=no_guard_no_eps),
-                       "all_equal_groups_get_zero_advantage")
-
-
-def test_mutant_ignoring_dr_grpo_flag_fails_affine():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_advantages=always_scaled),
-                       "std_advantages_invariant_to_affine_rewards")
-
-
-def test_mutant_batch_baseline_fails_difficulty_equalisation():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_advantages=batch_mean),
-                       "group_advantages_equalise_difficulty")
-
-
-def test_mutant_equally_good_demonstrator_fails_difficulty_gap():
-    overrides = {"steps": "1", "eval_samples": "1", "demo_correct_hard": "0.5", "demo_correct_easy": "0.5"}
-    assert_check_fails(audit_once("grpo", "toy", 0, overrides), "raw_rewards_differ_by_difficulty")
-
-
-def test_mutant_keeping_every_group_fails_dynamic_sampling(monkeypatch):
-    monkeypatch.setattr(M, "dynamic_sampling_keep", lambda r, g: torch.ones(len(r), dtype=torch.bool))
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK), "dapo_drops_exactly_the_all_equal_groups")
-
-
-def test_mutant_without_clip_fails_clip_table():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_loss=unclipped),
-                       "clipped_surrogate_matches_table_and_zeroes_clipped_gradients")
-
-
-def test_mutant_kl_to_old_policy_fails_kl_check():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_loss=kl_to_old), "kl_term_is_k3_to_the_reference")
-
-
-def test_mutant_ignoring_aggregation_mode_fails_length_bias():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_loss=always_token_mean),
-                       "length_bias_vector_reproduced")
-
-
-def test_mutant_multiplying_nan_by_mask_fails_padding():
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK, grpo_loss=multiply_by_mask),
-                       "padding_never_changes_loss_or_gradient")
-
-
-def test_mutant_ratio_against_reference_fails_ratio_one(monkeypatch):
-    original = M.rollout
-
-    def seed002_rollout(policy, reference, problems, cfg, generator, reward_fn=None):
+def reference_as_old_policy(original):
+    def rollout(policy, reference, problems, cfg, generator, reward_fn=None):
         ro = original(policy, reference, problems, cfg, generator, reward_fn)
         return ro._replace(old_logprobs=ro.ref_logprobs)  # pi_old taken from the frozen reference
-    monkeypatch.setattr(M, "rollout", seed002_rollout)
-    assert_check_fails(audit_once("grpo", "toy", 0, QUICK), "ratio_is_one_on_first_update_after_each_rollout")
+    return rollout
 
 
-def test_mutant_flipped_advantages_fail_accuracy():
-    assert_check_fails(audit_once("grpo", "toy", 0, grpo_advantages=flipped), "accuracy_rises_from_sft_level_to_bar")
+def keep_everything(rewards, group_size):
+    return torch.ones(len(rewards), dtype=torch.bool)
 
 
-def test_mutant_zero_learning_rate_fails_kl_bound():
-    assert_check_fails(audit_once("grpo", "toy", 0, {**QUICK, "lr": "0"}), "kl_to_reference_stays_bounded")
+def patched(name, fn):
+    return lambda: mock.patch.object(M, name, fn)
+
+
+ADV, LOSS = "grpo_advantages", "grpo_loss"
+SHORT = {"warmup_steps": "40"}  # the probe's invariants hold for any policy: a short warm-up is enough
+PROBE = "advantages_sum_to_zero_within_each_group"
+MUTANTS = [
+    Mutant("advantages_match_reference_vectors", "population std", {ADV: advantages_with(population_std=True)}),
+    Mutant("advantages_match_reference_vectors", "Dr. GRPO flag ignored", {ADV: advantages_with(ignore_scale=True)}),
+    Mutant(PROBE, "groups interleaved", {ADV: advantages_with(interleaved=True)}, SHORT),
+    Mutant(PROBE, "batch baseline", {ADV: advantages_with(batch_baseline=True)}, SHORT),
+    Mutant("all_equal_groups_get_zero_advantage", "no max-min guard", {ADV: advantages_with(guard=False)}, SHORT),
+    Mutant("all_equal_groups_get_zero_advantage", "no guard, eps 0", {ADV: advantages_with(guard=False, eps=0.0)},
+           SHORT),
+    Mutant("std_advantages_invariant_to_affine_rewards", "Dr. GRPO flag ignored",
+           {ADV: advantages_with(ignore_scale=True)}, SHORT),
+    Mutant("std_advantages_invariant_to_affine_rewards", "eps 1e-2", {ADV: advantages_with(eps=1e-2)}, SHORT),
+    Mutant("raw_rewards_differ_by_difficulty", "demonstrator better on carries",
+           overrides={"demo_correct_easy": "0.2", "demo_correct_hard": "0.5"}),
+    Mutant("group_advantages_equalise_difficulty", "batch baseline", {ADV: advantages_with(batch_baseline=True)},
+           SHORT),
+    Mutant("dapo_drops_exactly_the_all_equal_groups", "keeps every group", overrides=SHORT,
+           patch=patched("dynamic_sampling_keep", keep_everything)),
+    Mutant("dapo_update_is_a_token_mean_over_groups_with_signal", "keeps every group", overrides=SHORT,
+           patch=patched("dynamic_sampling_keep", keep_everything)),
+    Mutant("dapo_update_is_a_token_mean_over_groups_with_signal", "aggregation ignored",
+           {LOSS: loss_with(mode="seq-mean-token-mean")}, SHORT),
+    Mutant("clipped_surrogate_matches_table_and_zeroes_clipped_gradients", "no clip", {LOSS: loss_with(clip=False)}),
+    Mutant("clipped_surrogate_matches_table_and_zeroes_clipped_gradients", "min, not max",
+           {LOSS: loss_with(use_min=True)}),
+    Mutant("clipped_surrogate_matches_table_and_zeroes_clipped_gradients", "eps_high ignored",
+           {LOSS: loss_with(symmetric=True)}),
+    Mutant("kl_term_is_k3_to_the_reference", "KL to pi_old", {LOSS: loss_with(kl_to_old=True)}),
+    Mutant("kl_term_is_k3_to_the_reference", "k3 of lp - ref", {LOSS: loss_with(k3_sign=True)}),
+    Mutant("length_bias_vector_reproduced", "always token-mean", {LOSS: loss_with(mode="token-mean")}),
+    Mutant("length_bias_vector_reproduced", "padding counted in |o_i|", {LOSS: loss_with(pad_counts=True)}),
+    Mutant("padding_never_changes_loss_or_gradient", "NaN times mask", {LOSS: loss_with(multiply_mask=True)}),
+    Mutant("ratio_is_one_on_first_update_after_each_rollout", "pi_old = pi_ref",
+           patch=lambda: mock.patch.object(M, "rollout", reference_as_old_policy(M.rollout))),
+    Mutant("accuracy_rises_from_sft_level_to_bar", "advantages flipped", {ADV: advantages_with(sign=-1.0)}),
+    Mutant("accuracy_rises_from_sft_level_to_bar", "untrained policy (lr 0)", overrides={"lr": "0"}),
+    Mutant("kl_to_reference_stays_bounded", "untrained policy (lr 0)", overrides={"lr": "0"}),
+    Mutant("kl_to_reference_stays_bounded", "learning rate x10", overrides={"lr": "0.02"}),
+]
+
+
+def test_reference_options_reproduce_the_references():
+    g = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(32, generator=g) < 0.4).float()
+    for scale in (True, False):
+        assert torch.allclose(advantages_with()(rewards, 8, scale), M.grpo_advantages(rewards, 8, scale), atol=1e-6)
+    lp = -2 * torch.rand(6, 4, generator=g, dtype=DT)
+    mask = (torch.arange(4)[None] < torch.tensor([1, 2, 3, 4, 4, 2])[:, None]).to(DT)
+    args = (lp, lp + 0.3 * torch.randn(6, 4, generator=g, dtype=DT), lp - 0.2, torch.randn(6, generator=g, dtype=DT),
+            mask, 0.2, 0.28, 0.04)
+    for mode in MODES:
+        assert torch.allclose(loss_with()(*args, mode)[0], M.grpo_loss(*args, mode)[0], atol=1e-12)
+
+
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("grpo", mutant)
+
+
+def test_every_check_has_a_mutant():
+    assert_every_check_has_a_mutant("grpo", MUTANTS)

@@ -1,21 +1,20 @@
 """rlvf module: the verifiers (unit vectors + hypothesis adversarial strings: never crash, never execute,
 deterministic, bounded), tokenizer-free encode/decode, reward placement, tasks and demonstrations, the audit
-in toy/full mode, determinism, and one mutant per check."""
+in toy/full mode, determinism, and mutants that break each check."""
 from __future__ import annotations
 
 import builtins
 import re
+from unittest import mock
 
 import pytest
 import torch
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_check_fails, audit_once
-from llmaudit.runner import configure_torch
+from llmaudit.registry import get_audit
 from modules.rlvf import rlvf as V
-
-configure_torch()
 
 FAST = settings(max_examples=200, deadline=None)
 QUICK = {"warmup_steps": "5", "steps": "1", "n_adversarial": "14"}
@@ -42,8 +41,10 @@ def test_math_reward_gsm8k_vectors(completion, truth, method, want):
 
 
 def test_answer_beyond_300_characters_is_invisible():
-    assert V.extract_answer("#### 12" + " x" * 146) == "12"
-    assert V.extract_answer("#### 12" + " x" * 147) is None
+    assert V.extract_answer("#### 12" + "x" * 293) == "12"  # starts 300 characters from the end
+    assert V.extract_answer("#### 12" + "x" * 294) is None
+    assert V.math_answer_reward("#### 12" + "x" * 293, "12") == 1.0
+    assert V.math_answer_reward("#### 12" + "x" * 294, "12") == 0.0
     with pytest.raises(ValueError, match="method"):
         V.extract_answer("#### 1", "loose")
 
@@ -57,6 +58,14 @@ def test_math_reward_is_pure_bounded_and_never_executes(completion, truth, metho
     assert calls == [] and first == second and first in (0.0, 0.1, 1.0)
     if first == 1.0:  # full score only when the answer at the agreed place IS the truth
         assert V.extract_answer(completion, method) == truth
+
+
+@FAST
+@given(prefix=adversarial, filler=st.integers(0, 400), truth=st.integers(0, 10 ** 6).map(str))
+def test_math_reward_reads_only_the_last_300_characters(prefix, filler, truth):
+    text = f"{prefix}#### {truth}" + "x" * filler
+    visible = len(text) - text.rindex("#### ") <= V.SOLUTION_CLIP_CHARS
+    assert (V.math_answer_reward(text, truth) == 1.0) == visible
 
 
 @FAST
@@ -173,8 +182,10 @@ def test_audit_passes_in_toy_mode():
     result = audit_once("rlvf", "toy", 0)
     assert result.passed, [(c.name, c.measured) for c in result.checks if not c.passed] or result.error
     assert {"reward", "frac_reward_zero_std", "eval/accuracy"} <= set(result.series)
+    assert result.scalars["attack strings"] == 140
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_audit_passes_in_full_mode(seed):
     result = audit_once("rlvf", "full", seed)
@@ -183,17 +194,49 @@ def test_audit_passes_in_full_mode(seed):
 
 def test_same_seed_gives_identical_result_and_quick_invariants_pass():
     a, b = audit_once("rlvf", "toy", 3, QUICK), audit_once("rlvf", "toy", 3, QUICK)
-    assert a.to_dict() == b.to_dict()
+    assert a.deterministic_dict() == b.deterministic_dict()
     assert all(c.passed for c in a.checks if c.kind == "invariant"), [c.name for c in a.checks if not c.passed]
 
 
+def test_math_answer_reward_is_credited_only_with_checks_that_call_it():
+    spec = get_audit("rlvf")
+    credited = {c.name for c in spec.checks_of_kernel("math_answer_reward", "toy")}
+    assert credited == {"verifier_matches_gsm8k_vectors", "verifier_is_deterministic_and_in_range",
+                        "verifier_never_executes_model_text", "verifier_resists_adversarial_completions",
+                        "answer_beyond_the_last_300_chars_is_invisible", "truncated_responses_score_zero",
+                        "reward_sits_on_the_last_valid_token"}
+
+
+def test_a_kernel_without_the_window_fails_the_window_check():
+    """The defect that started this: a math_answer_reward reading the whole completion was told it passed."""
+    result = audit_once("rlvf", "toy", 0, only=[c.name for c in get_audit("rlvf").checks_of_kernel(
+        "math_answer_reward", "toy")], math_answer_reward=reward_with(window=None))
+    assert [c.name for c in result.checks if not c.passed] == ["answer_beyond_the_last_300_chars_is_invisible"]
+
+
 # ---------------------------------------------------------------------------------------------------
-# Mutants: one per check
+# Mutants
 
 
-def keeps_commas(completion, ground_truth, method="strict", format_score=0.0, score=1.0):
-    found = re.findall(r"#### (-?[0-9.,]+)", completion)
-    return 0.0 if not found else (score if found[-1] == ground_truth else format_score)
+def reward_with(*, window=V.SOLUTION_CLIP_CHARS, strip_commas=True, compare="string", any_number=False, first=False):
+    """A configurable wrong math_answer_reward (the reference when every option is left at its default)."""
+    def fn(completion, ground_truth, method="strict", format_score=0.0, score=1.0):
+        text = completion if window is None else completion[-window:]
+        if any_number:  # pay if the truth appears anywhere
+            return score if ground_truth in re.findall(r"-?[0-9]+", text) else format_score
+        pattern = r"#### (-?[0-9.,]+)" if method == "strict" else r"(-?[0-9.,]+)"
+        found = [s for s in re.findall(pattern, text) if method == "strict" or s.replace(",", "") not in ("", ".")]
+        if not found:
+            return 0.0
+        answer = found[0 if first else -1].replace("$", "")
+        answer = answer.replace(",", "") if strip_commas else answer
+        if compare == "float":
+            try:
+                return score if float(answer) == float(ground_truth) else format_score
+            except ValueError:
+                return format_score
+        return score if answer == ground_truth else format_score
+    return fn
 
 
 def partial_credit(completion, ground_truth, method="strict", format_score=0.0, score=1.0):
@@ -216,67 +259,86 @@ def evaluates_answers(completion, ground_truth, method="strict", format_score=0.
     return score if str(value) == ground_truth else format_score
 
 
-def any_number_matches(completion, ground_truth, method="strict", format_score=0.0, score=1.0):
-    return score if ground_truth in re.findall(r"-?[0-9]+", completion) else format_score  # seed 002
+def scores_cut_responses(ids):
+    text, _ = _decode_response(ids)
+    return text, True  # treats a response cut at the limit as finished
 
 
-def test_mutant_keeping_commas_fails_vectors():
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK, math_answer_reward=keeps_commas),
-                       "verifier_matches_gsm8k_vectors")
+_decode_response = V.decode_response
 
 
-def test_mutant_partial_credit_fails_range():
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK, math_answer_reward=partial_credit),
-                       "verifier_is_deterministic_and_in_range")
+def reward_after_eos(scores, mask):  # TRL PPO's sequence_lengths + 1, clamped into the tensor
+    out = torch.zeros(mask.shape)
+    idx = mask.sum(-1).long().clamp(max=mask.shape[1] - 1)
+    out[torch.arange(len(scores)), idx] = scores
+    return out
 
 
-def test_mutant_eval_fails_no_execution():
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK, math_answer_reward=evaluates_answers),
-                       "verifier_never_executes_model_text")
+def reward_on_eos_column(scores, mask):  # the reward on the first padding column of the longest row
+    out = torch.zeros(mask.shape)
+    out[:, -1] = scores
+    return out
 
 
-def test_mutant_any_number_matches_fails_adversarial():
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK, math_answer_reward=any_number_matches),
-                       "verifier_resists_adversarial_completions")
+_encode = V.encode
 
 
-def test_mutant_without_clip_fails_300_chars(monkeypatch):
-    monkeypatch.setattr(V, "SOLUTION_CLIP_CHARS", 10 ** 6)
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK), "answer_beyond_the_last_300_chars_is_invisible")
+def encode_dropping_padding(text):
+    return _encode(text.replace("<pad>", ""))
 
 
-def test_mutant_keyword_search_fails_logic_verifier(monkeypatch):
-    monkeypatch.setattr(V, "yes_no_reward", lambda c, t, format_score=0.0, score=1.0: score if t in c else format_score)
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK), "logic_verifier_needs_the_exact_word")
+def keyword_search(completion, ground_truth, format_score=0.0, score=1.0):
+    return score if ground_truth in completion else format_score
 
 
-def test_mutant_search_instead_of_fullmatch_fails_format(monkeypatch):
-    monkeypatch.setattr(V, "follows_format", lambda c, task: V.ANSWER_FORMATS[task].search(c) is not None)
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK), "format_check_accepts_exactly_the_answer_format")
+def format_by_search(completion, task):
+    return V.ANSWER_FORMATS[task].search(completion) is not None
 
 
-def test_mutant_reward_after_eos_fails_placement(monkeypatch):
-    def slot_after(scores, mask):  # TRL PPO's sequence_lengths + 1, clamped into the tensor
-        out = torch.zeros(mask.shape)
-        idx = mask.sum(-1).long().clamp(max=mask.shape[1] - 1)
-        out[torch.arange(len(scores)), idx] = scores
-        return out
-    monkeypatch.setattr(V, "place_outcome_reward", slot_after)
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK), "reward_sits_on_the_last_valid_token")
+def patched(name, fn):
+    return lambda: mock.patch.object(V, name, fn)
 
 
-def test_mutant_scoring_cut_responses_fails_truncation(monkeypatch):
-    original = V.decode_response
-    monkeypatch.setattr(V, "decode_response", lambda ids: (original(ids)[0], True))
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK), "truncated_responses_score_zero")
+LOOP = "grpo_with_verifier_reward_raises_logic_accuracy"
+MUTANTS = [
+    Mutant("verifier_matches_gsm8k_vectors", "commas kept", {"math_answer_reward": reward_with(strip_commas=False)}),
+    Mutant("verifier_matches_gsm8k_vectors", "first marker", {"math_answer_reward": reward_with(first=True)}),
+    Mutant("verifier_is_deterministic_and_in_range", "partial credit", {"math_answer_reward": partial_credit}),
+    Mutant("verifier_never_executes_model_text", "eval of the answer", {"math_answer_reward": evaluates_answers}),
+    Mutant("verifier_resists_adversarial_completions", "any number matches",
+           {"math_answer_reward": reward_with(any_number=True)}),
+    Mutant("verifier_resists_adversarial_completions", "float comparison",
+           {"math_answer_reward": reward_with(compare="float")}),
+    Mutant("answer_beyond_the_last_300_chars_is_invisible", "no window",
+           {"math_answer_reward": reward_with(window=None)}),
+    Mutant("answer_beyond_the_last_300_chars_is_invisible", "window of 299",
+           {"math_answer_reward": reward_with(window=299)}),
+    Mutant("truncated_responses_score_zero", "cut responses scored", patch=patched("decode_response",
+                                                                                  scores_cut_responses)),
+    Mutant("reward_sits_on_the_last_valid_token", "one slot after EOS", patch=patched("place_outcome_reward",
+                                                                                     reward_after_eos)),
+    Mutant("reward_sits_on_the_last_valid_token", "last column", patch=patched("place_outcome_reward",
+                                                                              reward_on_eos_column)),
+    Mutant("logic_verifier_needs_the_exact_word", "keyword search", patch=patched("yes_no_reward", keyword_search)),
+    Mutant("format_check_accepts_exactly_the_answer_format", "search, not fullmatch",
+           patch=patched("follows_format", format_by_search)),
+    Mutant("encode_decode_round_trip", "padding dropped", patch=patched("encode", encode_dropping_padding)),
+    Mutant(LOOP, "format score = score", overrides={"format_score": "1.0"}),
+    Mutant(LOOP, "untrained policy (lr 0)", overrides={"lr": "0"}),
+]
 
 
-def test_mutant_encode_dropping_padding_fails_round_trip(monkeypatch):
-    original = V.encode
-    monkeypatch.setattr(V, "encode", lambda text: original(text.replace("<pad>", "")))
-    assert_check_fails(audit_once("rlvf", "toy", 0, QUICK), "encode_decode_round_trip")
+def test_reference_options_reproduce_the_reference():
+    ref = reward_with()
+    for c, t, m, _ in [("#### 1,000", "1000", "strict", 0), ("x #### 7 y 8", "8", "flexible", 0),
+                       ("#### 12" + "x" * 294, "12", "strict", 0), ("72", "72", "strict", 0)]:
+        assert ref(c, t, m, 0.1) == V.math_answer_reward(c, t, m, 0.1)
 
 
-def test_mutant_format_score_equal_to_score_fails_closed_loop():
-    assert_check_fails(audit_once("rlvf", "toy", 0, {"format_score": "1.0"}),
-                       "grpo_with_verifier_reward_raises_logic_accuracy")
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("rlvf", mutant)
+
+
+def test_every_check_has_a_mutant():
+    assert_every_check_has_a_mutant("rlvf", MUTANTS)

@@ -13,9 +13,10 @@ Every token of answer i carries the same A_i (outcome supervision). The mean of 
 Carlo estimate of V(prompt): subtracting it removes how hard the prompt is, so an easy and a hard
 prompt push with similar force. A group whose rewards are all equal has A = 0 exactly: no signal.
 
-The closed loop: single-digit addition with a verifiable answer ("<bos>3+8=" -> "#### 11<eos>",
-modules.rlvf's verifier). The initial policy is a tiny Llama warmed up on a noisy demonstrator that
-often forgets the carry, so it starts at 30-40 % (sampled) accuracy; GRPO lifts it without a critic.
+The closed loop (``run(cfg, generator) -> GRPOResult``): single-digit addition with a verifiable answer
+("<bos>3+8=" -> "#### 11<eos>", modules.rlvf's verifier). The initial policy is a tiny Llama warmed up
+on a noisy demonstrator that often forgets the carry or the "#### " marker, so it starts low (sampled
+accuracy, worse on carries); GRPO lifts it without a critic.
 
 Builds on: ppo.core (kl_estimators, agg_loss, masked_mean), ppo.rollout (sample_responses,
 policy_logprobs), rlvf (tasks and verifiers), training (AdamW, the supervised loop), transformer.
@@ -25,6 +26,7 @@ stands in for modules.sft.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
@@ -35,7 +37,7 @@ from modules.ppo.core import agg_loss, kl_estimators, masked_mean
 from modules.ppo.rollout import policy_logprobs, sample_responses
 from modules.rlvf import rlvf as V
 from modules import training
-from modules.training import IGNORE_INDEX, OptimConfig, clip_grad_norm_, configure_optimizer
+from modules.training import IGNORE_INDEX, AdamW, OptimConfig, clip_grad_norm_, configure_optimizer
 from modules.transformer import ModelConfig, Transformer
 
 __all__ = [
@@ -43,7 +45,8 @@ __all__ = [
     "grpo_advantages", "grpo_loss", "group_advantages", "constant_groups", "dynamic_sampling_keep",
     "clip_ratios",
     "model_config", "demonstration_batch", "warm_up_policy",
-    "Rollout", "rollout", "evaluate_accuracy", "Evaluation", "train_grpo",
+    "Rollout", "rollout", "PolicyBatch", "policy_batch", "policy_loss", "Evaluation", "evaluate_accuracy",
+    "rollout_metrics", "update_policy", "train_grpo", "GRPOResult", "run",
 ]
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
@@ -91,11 +94,18 @@ class GRPOConfig:
     format_score: float = 0.0  # reward of a well-formed wrong answer (verl's default; rlvf audits 0.1)
     eval_samples: int = 8  # sampled answers per problem (all 100 problems) when measuring accuracy
     eval_every: int = 10
-    min_accuracy: float = 0.35  # outcome bar: sampled accuracy after GRPO
-    initial_band_low: float = 0.1  # outcome bar: the warm-up policy's accuracy lies in [low, high]
+    # Outcome bars, from `llmaudit sweep grpo` (toy seeds 0-19, full seeds 0-4), each >= 10 % of its scale
+    # inside the worst seed, full bars at least as strict as toy's. Measured: accuracy after GRPO toy >= 0.435,
+    # full >= 0.863 (bars 0.35, 0.78); rise toy >= 0.229, full >= 0.560 (0.2, 0.5); SFT accuracy toy
+    # 0.139-0.224, full 0.220-0.344 (bands [0.1, 0.5], [0.2, 0.5]); difficulty gap toy >= 0.126, full >= 0.186
+    # (0.1, 0.15); KL over the last 5 rollouts toy 0.138-0.208, full 0.068-0.182 (<= 0.3 and >= 0.05).
+    min_accuracy: float = 0.35  # sampled accuracy after GRPO
+    min_rise: float = 0.2  # sampled accuracy after GRPO minus before (lr = 0 fails it on every seed)
+    initial_band_low: float = 0.1  # the SFT policy's sampled accuracy lies in [low, high]
     initial_band_high: float = 0.5
-    min_difficulty_gap: float = 0.06  # outcome bar: mean raw reward, easy minus hard, at the start
-    max_kl: float = 0.5  # outcome bar: per-token KL(pi || pi_ref) at the end, nats
+    min_difficulty_gap: float = 0.1  # the SFT policy's mean raw reward, easy minus hard problems
+    max_kl: float = 0.3  # per-token KL(pi || pi_ref) over the last 5 rollouts, nats: at most this ...
+    min_kl: float = 0.05  # ... and at least this (the policy moved)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -113,8 +123,8 @@ class GRPOConfig:
 
     @classmethod
     def full(cls) -> GRPOConfig:
-        return cls(steps=150, warmup_steps=400, eval_every=25, min_accuracy=0.8, initial_band_low=0.2,
-                   min_difficulty_gap=0.1)
+        return cls(steps=150, warmup_steps=400, eval_every=25, min_accuracy=0.78, min_rise=0.5,
+                   initial_band_low=0.2, min_difficulty_gap=0.15)
 
 
 class VariantSettings(NamedTuple):
@@ -256,10 +266,8 @@ def demonstration_batch(cfg: GRPOConfig, batch_size: int,
     answers = V.demonstrations(cfg.task, problems, (cfg.demo_correct_easy, cfg.demo_correct_hard), generator)
     T = cfg.max_new_tokens
     pad, eos = V.VOCAB.index(V.PAD), V.VOCAB.index(V.EOS)
-    responses = torch.full((batch_size, T), pad)
-    for i, text in enumerate(answers):
-        ids = (V.encode(text) + [eos])[:T]
-        responses[i, : len(ids)] = torch.tensor(ids)
+    rows = [(V.encode(text) + [eos])[:T] for text in answers]
+    responses = torch.tensor([ids + [pad] * (T - len(ids)) for ids in rows])  # (B, T)
     seq = torch.cat([problems.prompts, responses], dim=1)
     inputs, targets = seq[:, :-1], seq[:, 1:].clone()
     targets[:, : problems.prompts.shape[1] - 1] = IGNORE_INDEX
@@ -271,8 +279,8 @@ def warm_up_policy(cfg: GRPOConfig, generator: torch.Generator) -> tuple[Transfo
     """The SFT policy (stand-in for modules.sft): a tiny Llama trained on the noisy demonstrations.
     It becomes both the initial policy and the frozen reference. Init from the global RNG."""
     model = Transformer(model_config(cfg))
-    history = training.supervised_warm_up(model, lambda g: demonstration_batch(cfg, cfg.warmup_batch, g), cfg.warmup_steps,
-                                 cfg.warmup_lr, generator)
+    history = training.supervised_warm_up(model, lambda g: demonstration_batch(cfg, cfg.warmup_batch, g),
+                                          cfg.warmup_steps, cfg.warmup_lr, generator)
     return model, history
 
 
@@ -305,6 +313,36 @@ def rollout(policy: Transformer, reference: Transformer, problems: V.Problems, c
     return Rollout(tokens, mask, rewards, problems.difficulty.repeat_interleave(G), old, ref)
 
 
+class PolicyBatch(NamedTuple):
+    """What one update trains on: the answers kept by the variant, with their advantages."""
+
+    tokens: torch.Tensor  # (N', P + T)
+    mask: torch.Tensor  # (N', T)
+    old_logprobs: torch.Tensor  # (N', T)
+    ref_logprobs: torch.Tensor  # (N', T)
+    advantages: torch.Tensor  # (N',) one per answer
+    groups_kept: int
+
+
+def policy_batch(ro: Rollout, cfg: GRPOConfig, advantages_fn: Callable = grpo_advantages) -> PolicyBatch:
+    """The variant's advantages of a rollout, then DAPO's dynamic sampling: groups whose rewards are
+    all equal are dropped (no re-sampling here), so the token-mean only counts tokens with signal."""
+    settings = variant_settings(cfg)
+    adv = advantages_fn(ro.rewards, cfg.group_size, settings.scale_rewards, cfg.adv_eps)
+    keep = (dynamic_sampling_keep(ro.rewards, cfg.group_size) if settings.dynamic_sampling
+            else torch.ones(len(ro.rewards), dtype=torch.bool))
+    return PolicyBatch(ro.tokens[keep], ro.mask[keep], ro.old_logprobs[keep], ro.ref_logprobs[keep], adv[keep],
+                       int(keep.sum().item()) // cfg.group_size)
+
+
+def policy_loss(logprobs: torch.Tensor, batch: PolicyBatch, cfg: GRPOConfig,
+                loss_fn: Callable = grpo_loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """The variant's loss on a batch: its clip-high and aggregation, cfg's eps_low and beta."""
+    settings = variant_settings(cfg)
+    return loss_fn(logprobs, batch.old_logprobs, batch.ref_logprobs, batch.advantages, batch.mask,
+                   cfg.clip_eps_low, settings.clip_eps_high, cfg.beta, settings.loss_agg_mode)
+
+
 class Evaluation(NamedTuple):
     step: int
     accuracy: float  # share of sampled answers that are right (temperature cfg.temperature)
@@ -330,6 +368,50 @@ def evaluate_accuracy(policy: Transformer, cfg: GRPOConfig, generator: torch.Gen
     return Evaluation(step, right.mean().item(), by_level, (greedy_rewards == 1.0).float().mean().item())
 
 
+def rollout_metrics(ro: Rollout, cfg: GRPOConfig) -> dict:
+    """TRL's names: mean reward, mean within-group std, share of groups with no signal, length."""
+    return {"reward": ro.rewards.mean().item(),
+            "reward_std": ro.rewards.view(-1, cfg.group_size).std(dim=1).mean().item(),
+            "frac_reward_zero_std": constant_groups(ro.rewards, cfg.group_size).float().mean().item(),
+            "completions/mean_length": ro.mask.sum(-1).mean().item()}
+
+
+def update_policy(policy: Transformer, optimizer: AdamW, batch: PolicyBatch, cfg: GRPOConfig,
+                  loss_fn: Callable = grpo_loss) -> dict:
+    """updates_per_rollout optimizer steps on one batch. Returns the first update's loss, grad norm,
+    |rho - 1|, clip share, KL and entropy (rho == 1 there: pi_theta is still pi_old), and the last
+    update's clip shares (how far the reused rollout has drifted)."""
+    nan = float("nan")
+    record = {"loss": nan, "grad_norm": nan, "ratio_first_update_max_dev": 0.0, "clip_ratio_first_update": 0.0,
+              "kl": nan, "entropy": nan, "clip_ratio/low_mean": nan, "clip_ratio/high_mean": nan,
+              "clip_ratio/region_mean": nan}
+    if len(batch.advantages) == 0:  # DAPO dropped every group: nothing to learn from
+        return record
+    settings = variant_settings(cfg)
+    policy.train()
+    for update in range(cfg.updates_per_rollout):
+        logprobs, entropy = policy_logprobs(policy, batch.tokens, 5, cfg.temperature)
+        clip = clip_ratios(logprobs, batch.old_logprobs, batch.advantages, batch.mask, cfg.clip_eps_low,
+                           settings.clip_eps_high)
+        loss, _ = policy_loss(logprobs, batch, cfg, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if update == 0:
+            with torch.no_grad():
+                valid = batch.mask.bool()
+                ratio = torch.exp(torch.where(valid, logprobs - batch.old_logprobs, torch.zeros_like(logprobs)))
+                _, _, k3 = kl_estimators(logprobs, batch.ref_logprobs)
+            record.update({"loss": loss.item(), "grad_norm": float(grad_norm),
+                           "ratio_first_update_max_dev": (ratio - 1).abs().max().item(),
+                           "clip_ratio_first_update": clip["clip_ratio/region_mean"],
+                           "kl": masked_mean(k3, batch.mask).item(),
+                           "entropy": masked_mean(entropy.detach(), batch.mask).item()})
+        record.update(clip)
+    return record
+
+
 def train_grpo(policy: Transformer, reference: Transformer, cfg: GRPOConfig, generator: torch.Generator, *,
                advantages_fn: Callable = grpo_advantages, loss_fn: Callable = grpo_loss,
                reward_fn: Callable | None = None,
@@ -337,52 +419,16 @@ def train_grpo(policy: Transformer, reference: Transformer, cfg: GRPOConfig, gen
     """GRPO's loop: sample B prompts x G answers, score them, group-relative advantages, then
     updates_per_rollout optimizer steps on the clipped loss. No critic anywhere. Trains ``policy`` in
     place; ``reference`` stays frozen. Returns (one dict of metrics per step, evaluations)."""
-    settings = variant_settings(cfg)
     optimizer, scheduler = configure_optimizer(
         policy, OptimConfig(lr=cfg.lr, min_lr=cfg.lr, warmup_steps=0, weight_decay=0.0), cfg.steps)
     reference.requires_grad_(False)
     history, evals = [], [evaluate_accuracy(policy, cfg, generator, 0, reward_fn)]
-    P = 5
     for step in range(cfg.steps):
-        problems = V.make_problems(cfg.task, cfg.prompts_per_step, generator)
-        ro = rollout(policy, reference, problems, cfg, generator, reward_fn)
-        adv = advantages_fn(ro.rewards, cfg.group_size, settings.scale_rewards, cfg.adv_eps)
-        zero_std = constant_groups(ro.rewards, cfg.group_size)
-        record = {"reward": ro.rewards.mean().item(),
-                  "reward_std": ro.rewards.view(-1, cfg.group_size).std(dim=1).mean().item(),
-                  "frac_reward_zero_std": zero_std.float().mean().item(),
-                  "completions/mean_length": ro.mask.sum(-1).mean().item()}
-        keep = torch.ones(len(ro.rewards), dtype=torch.bool)
-        if settings.dynamic_sampling:  # DAPO: groups without signal are dropped (no re-sampling here)
-            keep = dynamic_sampling_keep(ro.rewards, cfg.group_size)
-        record["groups_kept"] = int(keep.sum().item()) // cfg.group_size
-        nan = float("nan")
-        record.update({"loss": nan, "grad_norm": nan, "ratio_first_update_max_dev": 0.0, "kl": nan, "entropy": nan,
-                       "clip_ratio_first_update": 0.0, "clip_ratio/low_mean": nan, "clip_ratio/high_mean": nan,
-                       "clip_ratio/region_mean": nan})
-        policy.train()
-        tokens, mask = ro.tokens[keep], ro.mask[keep]
-        old, ref, a = ro.old_logprobs[keep], ro.ref_logprobs[keep], adv[keep]
-        for update in range(cfg.updates_per_rollout if bool(keep.any()) else 0):
-            logprobs, entropy = policy_logprobs(policy, tokens, P, cfg.temperature)
-            clip = clip_ratios(logprobs, old, a, mask, cfg.clip_eps_low, settings.clip_eps_high)
-            if update == 0:  # before any step on this rollout: pi_theta == pi_old, so rho == 1
-                with torch.no_grad():
-                    ratio = torch.exp(torch.where(mask.bool(), logprobs - old, torch.zeros_like(old)))
-                    _, _, k3 = kl_estimators(logprobs, ref)
-                record.update({"ratio_first_update_max_dev": (ratio - 1).abs().max().item(),
-                               "clip_ratio_first_update": clip["clip_ratio/region_mean"],
-                               "kl": masked_mean(k3, mask).item(),
-                               "entropy": masked_mean(entropy.detach(), mask).item()})
-            record.update(clip)  # the last update's: how far the reused rollout has drifted
-            loss, _ = loss_fn(logprobs, old, ref, a, mask, cfg.clip_eps_low, settings.clip_eps_high,
-                              cfg.beta, settings.loss_agg_mode)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if update == 0:
-                record.update({"loss": loss.item(), "grad_norm": grad_norm})
+        ro = rollout(policy, reference, V.make_problems(cfg.task, cfg.prompts_per_step, generator), cfg, generator,
+                     reward_fn)
+        batch = policy_batch(ro, cfg, advantages_fn)
+        record = {**rollout_metrics(ro, cfg), "groups_kept": batch.groups_kept}
+        record.update(update_policy(policy, optimizer, batch, cfg, loss_fn))
         scheduler.step()
         history.append(record)
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
@@ -390,3 +436,38 @@ def train_grpo(policy: Transformer, reference: Transformer, cfg: GRPOConfig, gen
         if on_step is not None:
             on_step(step, record)
     return history, evals
+
+
+@dataclass
+class GRPOResult:
+    """The closed loop's outcome: the trained policy, the frozen reference (= the SFT policy), the
+    warm-up and GRPO histories, and the accuracy evaluations (the first one before any update)."""
+
+    policy: Transformer
+    reference: Transformer
+    warmup: list[dict]
+    history: list[dict]
+    evals: list[Evaluation]
+
+    @property
+    def start(self) -> Evaluation:
+        return self.evals[0]
+
+    @property
+    def end(self) -> Evaluation:
+        return self.evals[-1]
+
+
+def run(cfg: GRPOConfig, generator: torch.Generator, *, grpo_advantages: Callable = grpo_advantages,
+        grpo_loss: Callable = grpo_loss, reward_fn: Callable | None = None, sft: Transformer | None = None,
+        on_step: Callable[[int, dict], None] | None = None) -> GRPOResult:
+    """Warm up the SFT policy (unless ``sft`` is given; it is not modified), freeze a copy as the
+    reference, and train a copy with GRPO. Model init draws from the global RNG (seed it)."""
+    warm: list[dict] = []
+    if sft is None:
+        sft, warm = warm_up_policy(cfg, generator)
+    reference = copy.deepcopy(sft).requires_grad_(False)
+    policy = copy.deepcopy(sft).requires_grad_(True)
+    history, evals = train_grpo(policy, reference, cfg, generator, advantages_fn=grpo_advantages,
+                                loss_fn=grpo_loss, reward_fn=reward_fn, on_step=on_step)
+    return GRPOResult(policy, reference, warm, history, evals)

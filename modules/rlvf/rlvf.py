@@ -11,7 +11,8 @@ yes/no, <pad> <bos> <eos>): "<bos>3+8=" -> "#### 11<eos>" and "<bos>7>2?" -> "ye
 has a difficulty level (a carry, or two close numbers) used to show that raw rewards depend on it.
 The noisy demonstrator that the supervised warm-up imitates is right with a probability set per level.
 
-Builds on: ppo.core (last_valid_index, kl_penalized_rewards: the reward on the last valid token).
+Builds on: nothing but torch for the verifiers; the closed loop (``run``) is modules.grpo's, which in turn
+builds on this module's tasks, so it is imported inside ``run``.
 Deviations from verl's gsm8k scorer: both extraction modes remove commas; a response cut at the length
 limit (no EOS) scores 0 instead of being scored on its truncated text. Verifiers read strings with
 regular expressions only: nothing a model writes is ever evaluated or executed.
@@ -28,14 +29,13 @@ from typing import Iterator, Literal, NamedTuple
 
 import torch
 
-from modules.ppo.core import kl_penalized_rewards
-
 __all__ = [
     "FORMULAS", "RLVFConfig", "TASKS", "VOCAB", "PAD", "BOS", "EOS", "SOLUTION_CLIP_CHARS", "ANSWER_FORMATS",
     "encode", "decode", "decode_response",
     "extract_answer", "math_answer_reward", "yes_no_reward", "follows_format",
     "place_outcome_reward", "forbid_code_execution", "adversarial_completions",
     "Problems", "make_problems", "all_problems", "demonstrations", "score_responses",
+    "grpo_config", "RLVFResult", "run",
 ]
 
 FORMULAS = [
@@ -55,13 +55,17 @@ class RLVFConfig:
     method: Literal["strict", "flexible"] = "strict"  # math answer extraction
     format_score: float = 0.1  # reward of a well-formed wrong answer (must stay below the full score)
     n_adversarial: int = 140  # seeded attack strings against the math verifier
-    demo_correct_easy: float = 0.9  # logic demonstrator: P(right) when the numbers are far apart
+    demo_correct_easy: float = 0.8  # logic demonstrator: P(right) when the numbers are far apart
     demo_correct_hard: float = 0.5  # ... within 2 of each other: a coin flip (else the opposite answer)
     warmup_steps: int = 400  # supervised steps that make the initial (and reference) policy
-    steps: int = 30  # GRPO steps on the logic task
+    warmup_lr: float = 3e-3  # 1e-2 leaves some seeds on a plateau near 0.5 (no comparison learned)
+    steps: int = 20  # GRPO steps on the logic task (it mostly sharpens the policy: 30 reach no higher)
     lr: float = 2e-3
-    max_initial_accuracy: float = 0.8  # outcome bar: the warm-up policy is no better than this
-    min_accuracy: float = 0.75  # outcome bar: sampled accuracy after GRPO
+    # outcome bars, from `llmaudit sweep rlvf` (toy seeds 0-19: end 0.829-0.981, rise 0.200-0.329; full
+    # seeds 0-4: end 0.909-0.993, rise 0.280-0.339), each >= 10 % below the worst seed; with lr = 0 the
+    # 'rise' is -0.024-0.040 (toy seeds 0-19): sampling noise
+    min_accuracy: float = 0.72  # sampled accuracy after GRPO (full 0.8)
+    min_rise: float = 0.17  # sampled accuracy after GRPO minus before (full 0.25)
 
     def __post_init__(self):
         if self.method not in ("strict", "flexible"):
@@ -75,7 +79,7 @@ class RLVFConfig:
 
     @classmethod
     def full(cls) -> RLVFConfig:
-        return cls(n_adversarial=700, warmup_steps=600, steps=100, min_accuracy=0.93)
+        return cls(n_adversarial=700, warmup_steps=600, steps=100, min_accuracy=0.8, min_rise=0.25)
 
 # ---------------------------------------------------------------------------------------------------
 # The vocabulary: one token per character, plus the words yes/no and three specials
@@ -148,8 +152,9 @@ def math_answer_reward(completion: str, ground_truth: str, method: str = "strict
     """Outcome reward of one math completion against its ground-truth answer (verl's gsm8k rule).
 
     completion: the decoded response text (no prompt, no specials); ground_truth: the answer as a
-    string, e.g. "1000". method "strict": the answer is the number after the LAST "#### " in the
-    completion; "flexible": the last number anywhere. Remove commas from the extracted answer.
+    string, e.g. "1000". Only the last SOLUTION_CLIP_CHARS = 300 characters are read (verl's clip: an
+    answer further back is invisible). method "strict": the answer is the number after the LAST "#### "
+    in them; "flexible": the last number anywhere in them. Remove commas from the extracted answer.
         no answer found                          -> 0.0
         answer == ground_truth (string equality) -> score
         otherwise (well-formed but wrong)        -> format_score
@@ -180,9 +185,13 @@ def follows_format(completion: str, task: str) -> bool:
 
 def place_outcome_reward(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(B,) sequence rewards -> (B, T) token rewards: the score on the last valid token (the EOS, or
-    the last token of a cut response), 0 elsewhere, so that the row sums are the scores."""
-    zeros = torch.zeros(response_mask.shape, dtype=scores.dtype)
-    return kl_penalized_rewards(zeros, zeros, scores, response_mask, beta=0.0)
+    the last token of a cut response), 0 elsewhere, so that the row sums are the scores. Rows need at
+    least one valid token."""
+    T = response_mask.shape[-1]
+    last = (response_mask.bool().long() * torch.arange(T)).argmax(-1)  # (B,) index of the rightmost 1
+    rewards = torch.zeros(response_mask.shape, dtype=scores.dtype)
+    rewards[torch.arange(len(scores)), last] = scores
+    return rewards
 
 
 @contextlib.contextmanager
@@ -317,3 +326,44 @@ def score_responses(task: str, responses: torch.Tensor, answers: list[str], form
         texts.append(text)
     return torch.tensor(rewards), torch.tensor(ended), texts
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The closed loop: GRPO on the logic task with a verifier as the only reward
+
+
+def grpo_config(cfg: RLVFConfig):
+    """The GRPO run of the closed loop: the logic task (answers "yes<eos>" / "no<eos>", 2 tokens)."""
+    from modules.grpo import grpo as G  # modules.grpo builds on this module's tasks: imported here, not above
+
+    return G.GRPOConfig(task="logic", max_new_tokens=2, format_score=cfg.format_score,
+                        demo_correct_easy=cfg.demo_correct_easy, demo_correct_hard=cfg.demo_correct_hard,
+                        warmup_steps=cfg.warmup_steps, warmup_lr=cfg.warmup_lr, steps=cfg.steps, lr=cfg.lr,
+                        eval_every=max(1, cfg.steps // 2))
+
+
+@dataclass
+class RLVFResult:
+    """The closed loop's outcome: the warm-up and GRPO histories and the logic-accuracy evaluations
+    (modules.grpo.Evaluation; the first is the SFT policy, before any update)."""
+
+    warmup: list[dict]
+    history: list[dict]
+    evals: list
+
+    @property
+    def start(self):
+        return self.evals[0]
+
+    @property
+    def end(self):
+        return self.evals[-1]
+
+
+def run(cfg: RLVFConfig, generator: torch.Generator, *, reward_fn=yes_no_reward, on_step=None) -> RLVFResult:
+    """Warm up a tiny Llama on the fallible logic demonstrator, then GRPO with ``reward_fn`` (a
+    verifier) as the only reward: no reward model, no critic. Model init draws from the global RNG."""
+    from modules.grpo import grpo as G
+
+    result = G.run(grpo_config(cfg), generator, reward_fn=reward_fn, on_step=on_step)
+    return RLVFResult(result.warmup, result.history, result.evals)
