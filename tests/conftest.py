@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
+from unittest import mock
 
 import pytest
 
@@ -65,6 +67,20 @@ class Mutant:
     @property
     def id(self) -> str:
         return f"{self.check}-{self.what.replace(' ', '_')}"
+
+
+def patched(module: Any, name: str, new: Any) -> Callable[[], ContextManager]:
+    """A Mutant ``patch``: replace ``module.name`` by ``new`` in every ``modules.*`` module that binds
+    the same object -- the defining module, whose globals its callers look up, and the package that
+    re-exports it -- so no caller keeps the original by accident."""
+    def enter() -> ContextManager:
+        old = getattr(module, name)
+        stack = contextlib.ExitStack()
+        for mod in list(sys.modules.values()):
+            if getattr(mod, "__name__", "").split(".")[0] == "modules" and getattr(mod, name, None) is old:
+                stack.enter_context(mock.patch.object(mod, name, new))
+        return stack
+    return enter
 
 
 def assert_mutant_fails(module: str, mutant: Mutant, seed: int = 0) -> AuditResult:

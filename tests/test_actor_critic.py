@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -416,10 +416,6 @@ def update_with(*, whiten=True, clip=True):
     return update
 
 
-def patched(name, fn):
-    return lambda: mock.patch.object(M, name, fn)
-
-
 def env_attr(name, value):
     return lambda: mock.patch.object(M.CartPoleTensorEnv, name, value)
 
@@ -464,11 +460,11 @@ MUTANTS = [
     Mutant("truncation_bootstraps_termination_does_not", "truncation OR-ed into termination",
            overrides={"bootstrap_truncated": "false"}),
     Mutant("truncation_bootstraps_termination_does_not", "bootstraps from the reset observation",
-           patch=patched("collect_rollout", collect_rollout_keeping_reset_obs)),
+           patch=patched(M, "collect_rollout", collect_rollout_keeping_reset_obs)),
     Mutant("advantages_are_normalised_in_the_update", "whitening skipped",
-           patch=patched("update", update_with(whiten=False))),
+           patch=patched(M, "update", update_with(whiten=False))),
     Mutant("gradient_norm_is_clipped_in_the_update", "clipping skipped",
-           patch=patched("update", update_with(clip=False))),
+           patch=patched(M, "update", update_with(clip=False))),
     Mutant("cartpole_mean_return_reaches_target", "policy loss sign flipped",
            {"actor_critic_loss": mutant(pg_sign=-1.0)}),
     Mutant("critic_baseline_reduces_gradient_variance", "critic not trained", overrides={"vf_coef": "0"}),

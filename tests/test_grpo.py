@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from modules.grpo import grpo as M
 from modules.ppo.core import kl_estimators
 
@@ -329,10 +329,6 @@ def keep_everything(rewards, group_size):
     return torch.ones(len(rewards), dtype=torch.bool)
 
 
-def patched(name, fn):
-    return lambda: mock.patch.object(M, name, fn)
-
-
 ADV, LOSS = "grpo_advantages", "grpo_loss"
 SHORT = {"warmup_steps": "40"}  # the probe's invariants hold for any policy: a short warm-up is enough
 PROBE = "advantages_sum_to_zero_within_each_group"
@@ -352,9 +348,9 @@ MUTANTS = [
     Mutant("group_advantages_equalise_difficulty", "batch baseline", {ADV: advantages_with(batch_baseline=True)},
            SHORT),
     Mutant("dapo_drops_exactly_the_all_equal_groups", "keeps every group", overrides=SHORT,
-           patch=patched("dynamic_sampling_keep", keep_everything)),
+           patch=patched(M, "dynamic_sampling_keep", keep_everything)),
     Mutant("dapo_update_is_a_token_mean_over_groups_with_signal", "keeps every group", overrides=SHORT,
-           patch=patched("dynamic_sampling_keep", keep_everything)),
+           patch=patched(M, "dynamic_sampling_keep", keep_everything)),
     Mutant("dapo_update_is_a_token_mean_over_groups_with_signal", "aggregation ignored",
            {LOSS: loss_with(mode="seq-mean-token-mean")}, SHORT),
     Mutant("clipped_surrogate_matches_table_and_zeroes_clipped_gradients", "no clip", {LOSS: loss_with(clip=False)}),

@@ -1,16 +1,12 @@
 """mdp: kernels against independent computations, hypothesis properties, the audit, and its mutants."""
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
-
 import pytest
 import torch
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import modules.mdp
 import modules.mdp.mdp as MM  # the module whose globals the functions look up (for patches)
 from modules import mdp as M
 
@@ -187,17 +183,6 @@ ref_opt, ref_exp, ref_eval = M.bellman_optimality_backup, M.bellman_expectation_
 real_frozen_lake, real_monte_carlo_returns = M.frozen_lake, M.monte_carlo_returns
 
 
-def patched(name: str, fn):
-    """Replace a module function both where the package exports it and where the module looks it up."""
-    def enter():
-        stack = contextlib.ExitStack()
-        stack.enter_context(mock.patch.object(MM, name, fn))
-        if hasattr(modules.mdp, name):  # private helpers are not exported
-            stack.enter_context(mock.patch.object(modules.mdp, name, fn))
-        return stack
-    return enter
-
-
 def leaky_frozen_lake(*args, **kwargs):  # drops one outcome of a slippery move
     mdp, env = real_frozen_lake(*args, **kwargs)
     mdp.P[0, 0, mdp.P[0, 0].nonzero()[0]] = 0.0
@@ -227,16 +212,16 @@ def q_without_gamma(P, R, gamma, V):
 
 
 MUTANTS = [
-    Mutant("transition_rows_sum_to_one", "an outcome dropped", patch=patched("frozen_lake", leaky_frozen_lake)),
+    Mutant("transition_rows_sum_to_one", "an outcome dropped", patch=patched(MM, "frozen_lake", leaky_frozen_lake)),
     Mutant("terminal_states_absorb_with_zero_reward", "terminal rows keep their reward",
-           patch=patched("_absorb", absorb_keeping_reward)),
+           patch=patched(MM, "_absorb", absorb_keeping_reward)),
     Mutant("terminal_states_absorb_with_zero_reward", "done flags ignored",
-           patch=patched("from_transition_table", table_ignoring_done)),
+           patch=patched(MM, "from_transition_table", table_ignoring_done)),
     Mutant("value_iteration_reaches_bellman_fixed_point", "mean over actions",
            {"bellman_optimality_backup": lambda P, R, gamma, V: (R + gamma * P @ V).mean(-1)}),
     Mutant("value_and_policy_iteration_agree", "evaluation with gamma squared",
            {"evaluate_policy_exact": lambda P, R, gamma, policy: ref_eval(P, R, gamma ** 2, policy)}),
-    Mutant("q_star_is_one_step_lookahead_of_v_star", "Q without gamma", patch=patched("q_from_v", q_without_gamma)),
+    Mutant("q_star_is_one_step_lookahead_of_v_star", "Q without gamma", patch=patched(MM, "q_from_v", q_without_gamma)),
     Mutant("iterative_evaluation_equals_linear_solve", "expectation backup ignores the policy",
            {"bellman_expectation_backup":
             lambda P, R, gamma, policy, V: ref_exp(P, R, gamma, torch.full_like(policy, 1 / policy.shape[1]), V)}),
@@ -255,7 +240,7 @@ MUTANTS = [
     Mutant("expected_return_of_greedy_policy_equals_v_star", "V* 1 % high (rewards scaled by 1.01)",
            {"bellman_optimality_backup": lambda P, R, gamma, V: ref_opt(P, 1.01 * R, gamma, V)}),
     Mutant("monte_carlo_return_matches_v_star", "undiscounted returns",
-           patch=patched("monte_carlo_returns", lambda env, actions, episodes, gamma, seed:
+           patch=patched(MM, "monte_carlo_returns", lambda env, actions, episodes, gamma, seed:
                          real_monte_carlo_returns(env, actions, episodes, 1.0, seed))),
 ]
 

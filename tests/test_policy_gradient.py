@@ -3,14 +3,13 @@ the audit in toy/full mode, determinism, and one mutant per check."""
 from __future__ import annotations
 
 import math
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from llmaudit.registry import get_audit
 from modules.policy_gradient import policy_gradient as M
 
@@ -432,13 +431,9 @@ def reward_credited_one_token_early(logprobs, token_rewards, baseline, mask, los
     return loss
 
 
-def patched(name, fn):
-    return lambda: mock.patch.object(M, name, fn)
-
-
 MUTANTS = [
     Mutant("sequence_probabilities_sum_to_one", "mask ignores EOS",
-           patch=patched("response_mask", lambda tokens, eos: torch.ones(tokens.shape, dtype=DT))),
+           patch=patched(M, "response_mask", lambda tokens, eos: torch.ones(tokens.shape, dtype=DT))),
     Mutant("reinforce_loss_matches_hand_vector", "sign flipped", {"reinforce_loss": flipped_sign}),
     Mutant("reinforce_loss_matches_hand_vector", "NaN loss", {"reinforce_loss": nan_loss}),
     Mutant("loss_ignores_padded_positions", "mask ignored", {"reinforce_loss": ignores_mask}),
@@ -446,17 +441,17 @@ MUTANTS = [
     Mutant("expected_estimate_equals_exact_gradient", "length normalised", {"reinforce_loss": length_normalised}),
     Mutant("expected_estimate_equals_exact_gradient", "NaN loss", {"reinforce_loss": nan_loss}),
     Mutant("reward_to_go_has_the_same_expectation", "reward credited one token early",
-           patch=patched("reward_to_go_loss", reward_credited_one_token_early)),
+           patch=patched(M, "reward_to_go_loss", reward_credited_one_token_early)),
     Mutant("reward_to_go_has_the_same_expectation", "NaN loss", {"reinforce_loss": nan_loss}),
     Mutant("optimal_constant_baseline_minimises_variance", "mean reward as b*",
-           patch=patched("optimal_constant_baseline", lambda probs, rewards, scores: (probs @ rewards).item())),
+           patch=patched(M, "optimal_constant_baseline", lambda probs, rewards, scores: (probs @ rewards).item())),
     Mutant("sampled_sequences_follow_exact_probabilities", "rollout at temperature 1.5",
            overrides={"sample_temperature": "1.5"}),
     Mutant("sampled_gradient_is_unbiased", "length normalised", {"reinforce_loss": length_normalised}),
     Mutant("sampled_gradient_is_unbiased", "rollout at temperature 2", overrides={"sample_temperature": "2.0"}),
     Mutant("sampled_gradient_is_unbiased", "NaN loss", {"reinforce_loss": nan_loss}),
     Mutant("group_mean_baseline_shrinks_gradient", "group mean leaves the sample out",
-           patch=patched("group_mean_baseline", M.leave_one_out_baseline)),
+           patch=patched(M, "group_mean_baseline", M.leave_one_out_baseline)),
     Mutant("baseline_reduces_variance", "baseline added", {"reinforce_loss": adds_baseline}),
     Mutant("gradient_ascent_reaches_near_optimal_reward", "sign flipped", {"reinforce_loss": flipped_sign}),
 ]

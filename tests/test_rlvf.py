@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import builtins
 import re
-from unittest import mock
 
 import pytest
 import torch
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -295,10 +294,6 @@ def format_by_search(completion, task):
     return V.ANSWER_FORMATS[task].search(completion) is not None
 
 
-def patched(name, fn):
-    return lambda: mock.patch.object(V, name, fn)
-
-
 LOOP = "grpo_with_verifier_reward_raises_logic_accuracy"
 MUTANTS = [
     Mutant("verifier_matches_gsm8k_vectors", "commas kept", {"math_answer_reward": reward_with(strip_commas=False)}),
@@ -313,16 +308,16 @@ MUTANTS = [
            {"math_answer_reward": reward_with(window=None)}),
     Mutant("answer_beyond_the_last_300_chars_is_invisible", "window of 299",
            {"math_answer_reward": reward_with(window=299)}),
-    Mutant("truncated_responses_score_zero", "cut responses scored", patch=patched("decode_response",
+    Mutant("truncated_responses_score_zero", "cut responses scored", patch=patched(V, "decode_response",
                                                                                   scores_cut_responses)),
-    Mutant("reward_sits_on_the_last_valid_token", "one slot after EOS", patch=patched("place_outcome_reward",
+    Mutant("reward_sits_on_the_last_valid_token", "one slot after EOS", patch=patched(V, "place_outcome_reward",
                                                                                      reward_after_eos)),
-    Mutant("reward_sits_on_the_last_valid_token", "last column", patch=patched("place_outcome_reward",
+    Mutant("reward_sits_on_the_last_valid_token", "last column", patch=patched(V, "place_outcome_reward",
                                                                               reward_on_eos_column)),
-    Mutant("logic_verifier_needs_the_exact_word", "keyword search", patch=patched("yes_no_reward", keyword_search)),
+    Mutant("logic_verifier_needs_the_exact_word", "keyword search", patch=patched(V, "yes_no_reward", keyword_search)),
     Mutant("format_check_accepts_exactly_the_answer_format", "search, not fullmatch",
-           patch=patched("follows_format", format_by_search)),
-    Mutant("encode_decode_round_trip", "padding dropped", patch=patched("encode", encode_dropping_padding)),
+           patch=patched(V, "follows_format", format_by_search)),
+    Mutant("encode_decode_round_trip", "padding dropped", patch=patched(V, "encode", encode_dropping_padding)),
     Mutant(LOOP, "format score = score", overrides={"format_score": "1.0"}),
     Mutant(LOOP, "untrained policy (lr 0)", overrides={"lr": "0"}),
 ]

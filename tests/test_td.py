@@ -1,16 +1,12 @@
 """td module (day 2): kernels, the tensor CliffWalking, the learning loops, and its audit with mutants."""
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
-
 import pytest
 import torch
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import modules.td
 import modules.td.td as TT  # the module whose globals the functions look up (for patches)
 from modules import mdp
 from modules import td as M
@@ -318,16 +314,6 @@ def test_same_seed_same_result():
     assert audit_once("td", "toy", 3).deterministic_dict() == audit_once("td", "toy", 3).deterministic_dict()
 
 
-def patched(name: str, fn):
-    """Replace a module function both where the package exports it and where the module looks it up."""
-    def enter():
-        stack = contextlib.ExitStack()
-        stack.enter_context(mock.patch.object(TT, name, fn))
-        stack.enter_context(mock.patch.object(modules.td, name, fn))
-        return stack
-    return enter
-
-
 real_make_cliff_env = M.make_cliff_env
 
 
@@ -390,9 +376,9 @@ def td_update_adds_target(estimate, target, alpha):  # x + alpha * target
 
 
 MUTANTS = [
-    Mutant("tensor_cliff_matches_gymnasium", "the fall ends the episode", patch=patched("make_cliff_env",
+    Mutant("tensor_cliff_matches_gymnasium", "the fall ends the episode", patch=patched(TT, "make_cliff_env",
                                                                                         cliff_terminates)),
-    Mutant("tensor_cliff_matches_gymnasium", "no auto-reset", patch=patched("make_cliff_env", no_autoreset)),
+    Mutant("tensor_cliff_matches_gymnasium", "no auto-reset", patch=patched(TT, "make_cliff_env", no_autoreset)),
     Mutant("epsilon_greedy_probs_match_definition", "ties not split", {"epsilon_greedy_probs": argmax_one_hot}),
     Mutant("q_learning_target_matches_hand_computed", "mean over a'", {"q_learning_target": q_learning_mean}),
     Mutant("sarsa_target_matches_hand_computed", "max over a'", {"sarsa_target": sarsa_with_max}),

@@ -1,14 +1,12 @@
 """training: AdamW vs torch, schedule vs transformers, accumulation, clipping, checkpoints, the audit, mutants."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from unittest import mock
 
 import pytest
 import torch
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -280,16 +278,6 @@ def test_other_correct_kernels_pass():
 ref_adamw, ref_schedule, ref_clip = M.adamw_step, M.cosine_schedule, M.clip_grad_global_norm
 
 
-def _patch(name, new):
-    """Replace a function of modules/training/training.py, also where the package re-exports it."""
-    def enter():
-        stack = contextlib.ExitStack()
-        stack.enter_context(mock.patch.object(TR, name, new))
-        stack.enter_context(mock.patch.object(M, name, new))
-        return stack
-    return enter
-
-
 def adam_l2(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
     return ref_adamw(param, grad + weight_decay * param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 0.0)
 
@@ -389,16 +377,16 @@ MUTANTS = [
     Mutant("adamw_matches_torch_adamw", "L2 instead of decoupled decay", {"adamw_step": adam_l2}),
     Mutant("adamw_matches_torch_adamw", "eps inside the sqrt", {"adamw_step": adam_eps_inside_sqrt}),
     Mutant("first_step_moves_every_weight_by_lr", "no bias correction", {"adamw_step": adam_no_bias_correction}),
-    Mutant("weight_decay_skips_gains_and_biases", "decay on every parameter", patch=_patch("weight_decay_groups",
+    Mutant("weight_decay_skips_gains_and_biases", "decay on every parameter", patch=patched(TR, "weight_decay_groups",
                                                                                           decay_everything)),
     Mutant("weight_decay_skips_gains_and_biases", "weight decay ignored", {"adamw_step": adam_no_decay}),
     Mutant("lr_schedule_hits_endpoints", "decays to 0, not min_lr", {"cosine_schedule": schedule_to_zero}),
     Mutant("lr_schedule_is_monotone_in_each_phase", "a full cosine period", {"cosine_schedule": schedule_full_period}),
     Mutant("lr_schedule_decay_is_cosine", "linear decay", {"cosine_schedule": schedule_linear}),
     Mutant("optimizer_step_uses_the_lr_of_its_step", "scheduler stepped before the optimizer",
-           patch=_patch("train", train_scheduler_first)),
+           patch=patched(TR, "train", train_scheduler_first)),
     Mutant("grad_accumulation_equals_big_batch", "mean of micro-batch means",
-           patch=_patch("accumulate_gradients", accumulate_mean_of_means)),
+           patch=patched(TR, "accumulate_gradients", accumulate_mean_of_means)),
     Mutant("clip_matches_torch_clip_grad_norm", "each tensor clipped alone",
            {"clip_grad_global_norm": clip_per_tensor}),
     Mutant("clip_matches_torch_clip_grad_norm", "small gradients scaled up",
@@ -408,9 +396,9 @@ MUTANTS = [
     Mutant("clip_leaves_small_gradients_unchanged", "small gradients scaled up",
            {"clip_grad_global_norm": clip_always_rescales}),
     Mutant("perplexity_is_exp_mean_nll", "mean of per-sequence perplexities",
-           patch=_patch("perplexity", perplexity_per_sequence)),
+           patch=patched(TR, "perplexity", perplexity_per_sequence)),
     Mutant("resume_from_checkpoint_is_bit_identical", "optimizer state not restored",
-           patch=_patch("load_checkpoint", load_forgetting_optimizer_state)),
+           patch=patched(TR, "load_checkpoint", load_forgetting_optimizer_state)),
     Mutant("markov_perplexity_near_entropy_rate", "12 optimizer steps", overrides={"steps": "12", "warmup_steps": "2"}),
 ]
 

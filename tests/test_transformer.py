@@ -2,13 +2,11 @@
 one mutant per check."""
 from __future__ import annotations
 
-import contextlib
 import math
-from unittest import mock
 
 import pytest
 import torch
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -422,16 +420,6 @@ def test_other_correct_kernels_pass():
 ref_rope, ref_norm, ref_top_k, ref_top_p = M.apply_rope, M.rms_norm, M.top_k_filter, M.top_p_filter
 
 
-def _patch(*targets, new):
-    """Replace a module function in every module that holds it (the package re-exports it)."""
-    def enter():
-        stack = contextlib.ExitStack()
-        for module, name in targets:
-            stack.enter_context(mock.patch.object(module, name, new))
-        return stack
-    return enter
-
-
 def rms_sum(x, weight, eps=1e-6):
     return weight * x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
@@ -532,14 +520,14 @@ MUTANTS = [
     Mutant("rope_preserves_norm", "rotate_half without the minus", {"apply_rope": rope_no_minus}),
     Mutant("rope_matches_half_split_reference", "interleaved pairs", {"apply_rope": rope_interleaved}),
     Mutant("future_tokens_do_not_change_past_logits", "causal mask off by one",
-           patch=_patch((TT, "causal_mask"), new=lambda q, k: torch.ones(q, k, dtype=torch.bool).tril(k - q + 1))),
+           patch=patched(TT, "causal_mask", lambda q, k: torch.ones(q, k, dtype=torch.bool).tril(k - q + 1))),
     Mutant("kv_cache_matches_full_recompute", "positions restart at 0 with a cache",
            {"apply_rope": rope_restarts_at_zero}),
     Mutant("gqa_with_n_kv_equal_n_heads_is_mha", "kv heads reversed",
-           patch=_patch((TT, "expand_kv_heads"), new=lambda x, n_rep: x.flip(1) if n_rep == 1
+           patch=patched(TT, "expand_kv_heads", lambda x, n_rep: x.flip(1) if n_rep == 1
                         else x.repeat_interleave(n_rep, dim=1).flip(1))),
     Mutant("gqa_equals_mha_with_repeated_kv_heads", "kv heads tiled, not interleaved",
-           patch=_patch((TT, "expand_kv_heads"), new=lambda x, n_rep: x.repeat(1, n_rep, 1, 1))),
+           patch=patched(TT, "expand_kv_heads", lambda x, n_rep: x.repeat(1, n_rep, 1, 1))),
     Mutant("top_k_keeps_exactly_k", "threshold at the (k+1)-th", {"top_k_filter": top_k_threshold(1)}),
     Mutant("top_k_ties_keep_lowest_indices", "threshold keeps ties", {"top_k_filter": top_k_threshold(0)}),
     Mutant("top_k_ties_keep_lowest_indices", "torch.topk's tie order", {"top_k_filter": top_k_torch_topk}),
@@ -553,15 +541,15 @@ MUTANTS = [
     Mutant("top_p_near_zero_keeps_only_the_argmax", "inclusive cumsum empties the row",
            {"top_p_filter": top_p_inclusive}),
     Mutant("temperature_to_zero_is_greedy", "temperature multiplies",
-           patch=_patch((S, "sample_next_token"), (M, "sample_next_token"), new=_sample_with_multiplied_temperature)),
+           patch=patched(S, "sample_next_token", _sample_with_multiplied_temperature)),
     Mutant("repetition_penalty_demotes_only_seen_tokens", "negative logits divided",
-           patch=_patch((S, "apply_repetition_penalty"), (M, "apply_repetition_penalty"), new=_penalty_always_divides)),
+           patch=patched(S, "apply_repetition_penalty", _penalty_always_divides)),
     Mutant("parameter_count_matches_closed_form", "tied head counted twice",
-           patch=_patch((TT, "count_parameters"), (M, "count_parameters"),
-                        new=lambda cfg: _real_count(cfg) + cfg.tie_embeddings * cfg.vocab_size * cfg.d_model)),
+           patch=patched(TT, "count_parameters",
+                         lambda cfg: _real_count(cfg) + cfg.tie_embeddings * cfg.vocab_size * cfg.d_model)),
     Mutant("flop_count_matches_closed_form", "attention FLOPs forgotten", mode="full",
-           patch=_patch((TT, "forward_flops"), (M, "forward_flops"),
-                        new=lambda cfg, seq_len, batch_size=1, cached=0: _real_flops(cfg, seq_len, batch_size, cached)
+           patch=patched(TT, "forward_flops",
+                         lambda cfg, seq_len, batch_size=1, cached=0: _real_flops(cfg, seq_len, batch_size, cached)
                         - 4 * cfg.n_layers * cfg.d_model * seq_len * (cached + seq_len) * batch_size)),
     Mutant("reverse_task_exact_match", "8 optimizer steps", overrides={"steps": "8", "warmup_steps": "2"}),
 ]
