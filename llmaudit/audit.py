@@ -665,7 +665,6 @@ class AuditSpec:
     checks: tuple[CheckSpec, ...] = ()
     fixtures: dict[str, Step] = field(default_factory=dict)
     reports: tuple[Step, ...] = ()
-    legacy_fn: Callable[..., None] | None = None  # LEGACY: a one-function audit of the old contract
 
     def kernel(self, name: str) -> Kernel:
         for k in self.kernels:
@@ -829,39 +828,3 @@ def failed_check(spec: CheckSpec, config: Any, error: str) -> Check:
     """The record of a check that raised (or whose fixture raised): failed, nothing measured."""
     return Check(spec.name, False, None, spec.expected(config), spec.why, spec.kind, spec.hint, "", None,
                  spec.kernels, error)
-
-
-# ------------------------------------------------------------------------------------------------
-# LEGACY: the one-function audit contract (`@audit` + `ctx.check(name, passed, ...)`), kept only while
-# the last audits move to `Audit`; removed with them.
-
-
-def _legacy_check(self: Context, name: str, passed: Any, measured: Any, expected: str, why: str, *,
-                  kind: str = "invariant", hint: str = "", timed: bool = False) -> bool:
-    if kind not in CHECK_KINDS:
-        raise ValueError(f"check kind must be one of {CHECK_KINDS}, got {kind!r}")
-    if any(c.name == name for c in self.result.checks):
-        raise ValueError(f"check {name!r} recorded twice in audit {self.module!r}")
-    ok = bool(passed.item() if hasattr(passed, "item") else passed)
-    value = plain(measured)
-    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    self.result.checks.append(Check(name, ok, number, expected, why, kind, hint,
-                                    "" if number is not None else str(value)))
-    if timed:
-        self.result.timed.append(name)
-    return ok
-
-
-Context.check = _legacy_check  # type: ignore[attr-defined]
-
-
-def audit(name: str, *, day: int | None, title: str, config: type,
-          kernels: list[Kernel] | tuple[Kernel, ...] = (),
-          formulas: list[tuple[str, str]] | tuple[tuple[str, str], ...] = ()):
-    """LEGACY: register ``fn(ctx, *, <kernel>=<reference>, ...)`` as the audit of module ``name``."""
-    def register(fn: Callable[..., None]) -> Callable[..., None]:
-        a = Audit(name, day=day, title=title, config=config, kernels=kernels, formulas=formulas)
-        a._update(legacy_fn=fn)
-        fn.spec = a.spec  # type: ignore[attr-defined]
-        return fn
-    return register

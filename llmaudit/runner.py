@@ -7,7 +7,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from llmaudit.audit import AuditResult, AuditSpec, CheckSpec, Context, Step, evaluate, failed_check, stable_seed
+from llmaudit.audit import (AuditResult, AuditSpec, Check, CheckSpec, Context, Step, evaluate, failed_check,
+                            stable_seed)
 from llmaudit.config import apply_overrides, config_to_dict
 from llmaudit.record import RunRecord, now_utc
 from llmaudit.registry import UnknownName, get_audit
@@ -107,43 +108,39 @@ def run_steps(spec: AuditSpec, ctx: Context, kernels: dict[str, Callable] | None
     """
     active = {k.name: k.fn for k in spec.kernels} | dict(kernels or {})
     checks = select_checks(spec, ctx.mode, only)
-    reports = list(spec.reports) if only is None else []
-    needed = [spec.fixtures[f] for f in _fixture_closure(spec, [*checks, *reports])]
-    total = sum(s.cost for s in [*needed, *checks, *reports]) or 1.0
-    done = 0.0
-    fixtures: dict[str, Any] = {}
-    report = ctx._progress
-    # fixtures are charged to the progress bar when they run, i.e. inside the first check needing them
-    costs = {s.name: s.cost for s in needed}
+    steps: list[Step] = [*checks, *(spec.reports if only is None else ())]
+    costs = {f: spec.fixtures[f].cost for f in _fixture_closure(spec, steps)}
+    total = sum(costs.values()) + sum(s.cost for s in steps) or 1.0
+    done, fixtures = 0.0, {}
     ctx.result.selected = None if only is None else [c.name for c in checks]
-    for c in checks:
-        pending = [f for f in _fixture_closure(spec, [c]) if f not in fixtures]
-        step_cost = c.cost + sum(costs[f] for f in pending)
+    for step in steps:
+        # a fixture is charged to the progress bar inside the first step that needs it
+        step_cost = step.cost + sum(costs[f] for f in _fixture_closure(spec, [step]) if f not in fixtures)
         ctx._slice = (done / total, (done + step_cost) / total)
-        try:
-            returned = _call(c, ctx, active, fixtures, spec)
-            check = evaluate(c, returned, ctx.config)
-        except StepFailed as exc:
-            check = failed_check(c, ctx.config, str(exc))
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a raising check is a failing check
-            check = failed_check(c, ctx.config, describe_exception(exc))
-        ctx.result.checks.append(check)
-        if c.timed:
-            ctx.result.timed.append(c.name)
+        if isinstance(step, CheckSpec):
+            ctx.result.checks.append(_run_check(step, ctx, active, fixtures, spec))
+            if step.timed:
+                ctx.result.timed.append(step.name)
+        else:
+            try:
+                _call(step, ctx, active, fixtures, spec)
+            except StepFailed:
+                pass  # its fixture's failure is already on the checks that need it
+            except Exception as exc:  # noqa: BLE001 - a broken report hook fails the run, visibly
+                ctx.result.error = f"report {step.name} raised {describe_exception(exc)}"
         done += step_cost
-        if report is not None:
-            report(done / total)
-    for r in reports:
-        pending = [f for f in _fixture_closure(spec, [r]) if f not in fixtures]
-        step_cost = r.cost + sum(costs[f] for f in pending)
-        ctx._slice = (done / total, (done + step_cost) / total)
-        try:
-            _call(r, ctx, active, fixtures, spec)
-        except StepFailed:
-            pass  # its fixture's failure is already on the checks that need it
-        except Exception as exc:  # noqa: BLE001 - a broken report hook fails the run, visibly
-            ctx.result.error = f"report {r.name} raised {describe_exception(exc)}"
-        done += step_cost
+        if ctx._progress is not None:
+            ctx._progress(done / total)
+
+
+def _run_check(c: CheckSpec, ctx: Context, kernels: dict[str, Callable], fixtures: dict[str, Any],
+               spec: AuditSpec) -> Check:
+    try:
+        return evaluate(c, _call(c, ctx, kernels, fixtures, spec), ctx.config)
+    except StepFailed as exc:
+        return failed_check(c, ctx.config, str(exc))
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a raising check is a failing check
+        return failed_check(c, ctx.config, describe_exception(exc))
 
 
 def run_seed(spec: AuditSpec, *, seed: int, mode: str, config: Any,
@@ -156,13 +153,7 @@ def run_seed(spec: AuditSpec, *, seed: int, mode: str, config: Any,
     seed_everything(seed)
     ctx = Context(spec.name, seed=seed, mode=mode, config=config, progress=progress)
     start, cpu = time.perf_counter(), time.process_time()
-    if spec.legacy_fn is not None:  # LEGACY one-function audits
-        try:
-            spec.legacy_fn(ctx, **(kernels or {}))
-        except Exception as exc:  # noqa: BLE001 - any failure of the audited code is a result
-            ctx.result.error = describe_exception(exc)
-    else:
-        run_steps(spec, ctx, kernels, only)
+    run_steps(spec, ctx, kernels, only)
     ctx.result.cpu_s = time.process_time() - cpu  # type: ignore[attr-defined]  # steadier than wall time
     return ctx.result, time.perf_counter() - start
 
