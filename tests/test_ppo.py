@@ -1,29 +1,27 @@
-"""ppo module: core.py's kernels against rl-anchors vectors and hypothesis properties, the trainer's pieces,
-the audit in toy/full mode, determinism, and one mutant per check."""
+"""ppo module: core.py's kernels against closed-form vectors and hypothesis properties, the trainer's pieces,
+the audit in toy/full mode, determinism, and mutants that break each check."""
 from __future__ import annotations
 
+import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_check_fails, audit_once
-from llmaudit.runner import configure_torch
 from modules import gae as G
 from modules import reward_model as RM
 from modules.ppo import core as C
 from modules.ppo import ppo as M
 
-configure_torch()
-
 DT = torch.float64
 FAST = settings(max_examples=40, deadline=None)
-# a tiny run for mutants of the invariants: they do not depend on how well the loop learns
-QUICK = {"sft_steps": "2", "rm_steps": "2", "iterations": "2", "rollout_batch": "16", "eval_prompts": "32",
-         "hack": "false"}
-NO_HACK = {"hack": "false"}
+# a tiny run for mutants of invariants that need a trained policy: they do not depend on how well it learned
+QUICK = {"sft_steps": "5", "rm_steps": "5", "iterations": "2", "rollout_batch": "16", "eval_prompts": "32",
+         "hack_iterations": "2"}
 
 
 def t(*values: float) -> torch.Tensor:
@@ -150,6 +148,24 @@ def test_clip_loss_ignores_padding_and_extra_columns(batch, extra):
         assert a.item() == pytest.approx(b.item(), abs=1e-12)
 
 
+@FAST
+@given(masked_batches())
+def test_clip_loss_gradient_is_zero_on_nan_padding(batch):
+    adv, mask = batch
+    valid = mask.bool()
+    g = torch.Generator().manual_seed(2)
+    old = -torch.rand(adv.shape, generator=g, dtype=DT)
+    lp = old + 0.5 * torch.randn(adv.shape, generator=g, dtype=DT)
+    nan = torch.full_like(lp, float("nan"))
+    grads = []
+    dirty = tuple(torch.where(valid, x, nan) for x in (lp, old, adv))
+    for a, b, c in ((lp, old, adv), dirty):
+        x = a.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(C.ppo_clip_loss(x, b, c, mask)[0], x)[0])
+    assert torch.equal(grads[0], grads[1])
+    assert (grads[1][~valid] == 0).all()
+
+
 def test_agg_loss_vectors_and_empty_rows():
     L, m = t(1, 2, 3, 4, 0, 0).reshape(2, 3), t(1, 1, 1, 1, 0, 0).reshape(2, 3)
     want = {"token-mean": 2.5, "seq-mean-token-sum": 5.0, "seq-mean-token-mean": 3.0,
@@ -249,6 +265,26 @@ def test_kl_penalized_rewards_row_sums_and_score_position(batch, beta):
     assert (rewards[~mask.bool()] == 0).all()
 
 
+def test_kl_penalized_rewards_empty_row_gets_nothing():
+    mask = t(1, 1, 0, 0, 0, 0).reshape(2, 3)
+    lp = t(-1, -2, float("nan"), float("nan"), float("nan"), float("nan")).reshape(2, 3)
+    rewards = C.kl_penalized_rewards(lp, torch.zeros(2, 3, dtype=DT), t(3.0, 5.0), mask, 0.5)
+    assert rewards.tolist() == [[0.5, 4.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+@FAST
+@given(masked_batches(), st.sampled_from([float("nan"), 1e9]))
+def test_response_gae_never_reads_padding(batch, fill):
+    rewards, mask = batch
+    mask[:, 0] = 1.0
+    values = torch.randn(rewards.shape, dtype=DT, generator=torch.Generator().manual_seed(4))
+    valid = mask.bool()
+    clean = C.response_gae(rewards, values, mask, 0.9, 0.8)
+    dirty = C.response_gae(torch.where(valid, rewards, fill), torch.where(valid, values, fill), mask, 0.9, 0.8)
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b) and (b[~valid] == 0).all()
+
+
 def test_response_gae_matches_gae_vectors_and_ignores_padding():
     r, v = t(0, 0, 1)[None], t(0.5, 0.6, 0.7)[None]
     for gamma, lam, want in [(1.0, 1.0, [0.5, 0.4, 0.3]), (0.9, 0.0, [0.04, 0.03, 0.3]),
@@ -296,14 +332,17 @@ def test_decoy_and_biased_utility():
     assert M.biased_utility(tokens, cfg.n_symbols, 3.0).tolist() == [7.0, 7.0]
 
 
-def test_biased_pairs_follow_the_annotator_not_gold():
+def test_proxy_mostly_agrees_with_gold_but_prefers_decoys():
     cfg = M.PPOConfig.toy()
-    pairs = M.biased_preference_pairs(cfg, 256, torch.Generator().manual_seed(0))
-    u_c = M.biased_utility(pairs.chosen, cfg.n_symbols, cfg.decoy_bonus)
-    u_r = M.biased_utility(pairs.rejected, cfg.n_symbols, cfg.decoy_bonus)
-    assert 200 <= len(pairs.chosen) <= 256 and (u_c > u_r).all()
-    assert (pairs.chosen_gold < pairs.rejected_gold).any()  # the annotator disagrees with gold on some pairs
-    assert (pairs.chosen[:, 1] == pairs.rejected[:, 1]).all()  # same prompt
+    pairs = RM.preference_pairs(M.task_config(cfg), 512, torch.Generator().manual_seed(0))
+    assert 0.5 < M.proxy_agreement(pairs, cfg.n_symbols, cfg.decoy_bonus) < 1.0
+    gold_agrees = (pairs.chosen_gold > pairs.rejected_gold).float().mean().item()
+    assert M.proxy_agreement(pairs, cfg.n_symbols, 0.0) == pytest.approx(gold_agrees)
+    bos, sep, eos, pad = M.special_ids(cfg)
+    targets, decoys = torch.tensor([[bos, 0, sep] + [0] * 8 + [eos]]), torch.tensor([[bos, 0, sep] + [1] * 8 + [eos]])
+    utility = lambda x: M.biased_utility(x, cfg.n_symbols, cfg.decoy_bonus)  # noqa: E731
+    assert utility(decoys) > utility(targets)
+    assert RM.gold_reward(decoys).item() == 0.0
 
 
 def test_actor_and_reference_are_separate_and_the_reference_is_frozen():
@@ -335,6 +374,35 @@ def test_rollout_scores_with_the_same_log_probs_and_exact_kl_is_zero_at_the_refe
     assert torch.equal(ro.mask, (torch.arange(ro.mask.shape[1])[None] < lengths[:, None]).float())
     kl = M.token_kl_exact(actor, reference, ro.tokens, ro.mask, 3)
     assert kl.abs().max() == 0
+
+
+def test_train_ppo_reports_the_advantages_it_used_and_takes_optimizers():
+    cfg = M.PPOConfig(sft_steps=2, rm_steps=2, iterations=1, rollout_batch=16, gamma=0.8, lam=0.5, hack=False)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    sft = M.sft_policy(cfg, g)
+    actor, reference = M.actor_and_reference(sft)
+    critic = M.new_critic(sft)
+    _, _, eos, pad = M.special_ids(cfg)
+    optimizers = M.ppo_optimizers(actor, critic, cfg, 1)
+    seen = []
+    M.train_ppo(actor, reference, critic, lambda x: RM.gold_reward(x), lambda n, gg: M.make_prompts(cfg, n, gg), cfg,
+                g, eos_id=eos, pad_id=pad, optimizers=optimizers, on_rollout=lambda it, ro, adv: seen.append((ro, adv)))
+    (ro, adv), = seen
+    want = M.rollout_advantages(ro, cfg.kl_coef, 0.8, 0.5)
+    for a, b in ((adv.advantages, want.advantages), (adv.whitened, want.whitened), (adv.returns, want.returns)):
+        assert torch.equal(a, b)
+    assert len(optimizers["actor"][0].state) == len(list(actor.parameters()))  # the caller's optimizer stepped
+
+
+def test_run_wires_both_experiments():
+    cfg = M.PPOConfig(sft_steps=2, rm_steps=2, iterations=1, hack_iterations=1, rollout_batch=16, eval_prompts=16,
+                      rm_eval_pairs=16)
+    torch.manual_seed(0)
+    result = M.run(cfg, torch.Generator().manual_seed(0))
+    assert len(result.trained.history) == 1 and len(result.hacking.history) == 1
+    assert result.setup.before["kl"] == 0.0 and 0.0 <= result.setup.rm_accuracy <= 1.0
+    assert M.run(M.PPOConfig(**{**cfg.__dict__, "hack": False}), torch.Generator().manual_seed(0)).hacking is None
 
 
 def test_train_ppo_logs_trl_metrics_and_keeps_ratio_one():
@@ -390,27 +458,40 @@ def toy_result():
 
 def test_audit_passes_in_toy_mode(toy_result):
     assert toy_result.error is None, toy_result.error
-    assert toy_result.passed, [c for c in toy_result.checks if not c.passed]
-    kinds = {c.kind for c in toy_result.checks}
-    assert kinds == {"invariant", "outcome"}
+    assert toy_result.passed, [(c.name, c.measured, c.error) for c in toy_result.checks if not c.passed]
+    assert {c.kind for c in toy_result.checks} == {"invariant", "outcome"}
     for name in ("objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/scores",
                  "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
                  "objective/gold_reward", "hacking/proxy_score", "hacking/gold_reward", "hacking/kl"):
         assert name in toy_result.series, name
 
 
+def test_module_checks_claim_no_kernel_and_kernel_checks_call_theirs():
+    from llmaudit.registry import get_audit
+
+    spec = get_audit("ppo")
+    for name in ("value_clipping_matches_reference", "adaptive_kl_controller_matches_reference",
+                 "reference_and_reward_model_weights_unchanged", "loop_advantages_use_gamma_and_lambda",
+                 "response_gae_matches_gae_per_response", "score_on_last_valid_token"):
+        assert spec.check_spec(name).kernels == (), name
+    for kernel in ("ppo_clip_loss", "kl_estimators", "masked_whiten"):
+        assert len(spec.checks_of_kernel(kernel, "toy")) >= 3, kernel
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_audit_passes_in_full_mode(seed):
     result = audit_once("ppo", "full", seed)
-    assert result.passed, result.error or [c for c in result.checks if not c.passed]
+    assert result.passed, result.error or [(c.name, c.measured) for c in result.checks if not c.passed]
 
 
-def test_audit_is_deterministic(toy_result):
-    assert audit_once("ppo", "toy", 0).deterministic_dict() == toy_result.deterministic_dict()
+def test_audit_is_deterministic():
+    first, second = (audit_once("ppo", "toy", 3, QUICK).deterministic_dict() for _ in range(2))
+    assert first == second
 
 
 # ---------------------------------------------------------------------------------------------------
-# Mutants: one per check
+# Mutants: plausible bugs, each of which must break its check on every seed
 
 
 def clip_with_min(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip_eps_high=None):
@@ -438,6 +519,15 @@ def loss_times_mask(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip
     return (per_token * mask).sum() / mask.sum(), clipfrac, approxkl  # NaN * 0 = NaN
 
 
+def where_after_exp(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, clip_eps_high=None):
+    """The forward pass selects padding away, but only after exp: the backward pass still meets NaN * 0."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + high))
+    _, clipfrac, approxkl = C.ppo_clip_loss(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high)
+    return C.masked_mean(per_token, mask), clipfrac, approxkl
+
+
 def gradient_ascent(*args, **kwargs):
     loss, clipfrac, approxkl = C.ppo_clip_loss(*args, **kwargs)
     return -loss, clipfrac, approxkl
@@ -453,91 +543,104 @@ def k1_reversed(logprobs, ref_logprobs):
     return ref_logprobs - logprobs, k2, k3
 
 
+def k3_clamped(logprobs, ref_logprobs):
+    k1, k2, k3 = C.kl_estimators(logprobs, ref_logprobs)
+    return k1, k2, k3.clamp(-10, 10)  # verl's low_var_kl clamp: biased where pi_ref / pi is large
+
+
 def whiten_over_everything(values, mask, shift_mean=True):
     return (values - values.mean()) / (values.std() + 1e-8) * mask
 
 
-@pytest.mark.parametrize("kernel_name, mutant, check", [
-    ("ppo_clip_loss", clip_with_min, "clip_table_matches_reference"),
-    ("ppo_clip_loss", clip_removed, "clipped_tokens_get_zero_gradient"),
-    ("kl_estimators", k3_upside_down, "kl_estimators_match_reference_vectors"),
-    ("kl_estimators", k1_reversed, "kl_estimates_track_exact_kl"),
-    ("masked_whiten", whiten_over_everything, "advantages_whitened_over_valid_tokens_only"),
-    ("ppo_clip_loss", loss_times_mask, "padding_never_changes_the_loss"),
-    ("ppo_clip_loss", clipfrac_counts_ties, "ratio_is_one_on_first_minibatch"),
-])
-def test_kernel_mutants(kernel_name, mutant, check):
-    assert_check_fails(audit_once("ppo", "toy", 0, QUICK, **{kernel_name: mutant}), check)
-
-
-def test_mutant_ratio_against_the_reference_fails_first_minibatch(monkeypatch):
+def _collect_with(**swap):
     original = M.collect_rollout
 
-    def old_is_reference(*args, **kwargs):  # the seed repository's RLVF bug: pi / pi_ref as the ratio
+    def collect(*args, **kwargs):
         ro = original(*args, **kwargs)
-        ro.old_logprobs = ro.ref_logprobs
+        for field, source in swap.items():
+            setattr(ro, field, getattr(ro, source))
         return ro
-
-    monkeypatch.setattr(M, "collect_rollout", old_is_reference)
-    assert_check_fails(audit_once("ppo", "toy", 0, QUICK), "ratio_is_one_on_first_minibatch")
+    return lambda: mock.patch.object(M, "collect_rollout", collect)
 
 
-def test_mutant_reference_aliasing_the_actor_fails_frozen_weights(monkeypatch):
-    import copy
+def _advantages_with(gamma=None, lam=None):
+    original = M.rollout_advantages
 
-    def aliased(sft):
-        actor = copy.deepcopy(sft)
-        return actor, actor
-
-    monkeypatch.setattr(M, "actor_and_reference", aliased)
-    assert_check_fails(audit_once("ppo", "toy", 0, QUICK), "reference_and_reward_model_weights_unchanged")
+    def fixed(ro, beta, g, lm, **kwargs):  # a loop that hard-codes what it should read from cfg
+        return original(ro, beta, g if gamma is None else gamma, lm if lam is None else lam, **kwargs)
+    return lambda: mock.patch.object(M, "rollout_advantages", fixed)
 
 
-def test_mutant_score_after_eos_fails_score_position(monkeypatch):
-    def score_on_first_pad(logprobs, ref_logprobs, scores, response_mask, beta):  # TRL's sequence_lengths + 1
-        rewards = -beta * (logprobs - ref_logprobs) * response_mask
-        slot = response_mask.sum(1).long().clamp(max=response_mask.shape[1] - 1)
-        return rewards.index_put((torch.arange(rewards.shape[0]), slot), scores, accumulate=True)
-
-    monkeypatch.setattr(M, "kl_penalized_rewards", score_on_first_pad)
-    assert_check_fails(audit_once("ppo", "toy", 0, QUICK), "score_on_last_valid_token")
+def _aliased_reference(sft):
+    actor = copy.deepcopy(sft)
+    return actor, actor
 
 
-def test_mutant_value_loss_with_min_fails_value_clipping(monkeypatch):
-    def optimistic(values, old_values, returns, mask, clip_range):
-        clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
-        loss = 0.5 * C.masked_mean(torch.minimum((values - returns) ** 2, (clipped - returns) ** 2), mask)
-        return loss, torch.zeros(())
-
-    monkeypatch.setattr(M, "value_loss", optimistic)
-    assert_check_fails(audit_once("ppo", "toy", 0, QUICK), "value_clipping_matches_reference")
-
-
-def test_mutant_unclipped_kl_controller_fails(monkeypatch):
-    class Unclipped(C.AdaptiveKLController):
-        def update(self, current_kl, n_steps):
-            self.value *= 1.0 + (current_kl / self.target - 1.0) * n_steps / self.horizon
-
-    monkeypatch.setattr(M, "AdaptiveKLController", Unclipped)
-    assert_check_fails(audit_once("ppo", "toy", 0, QUICK), "adaptive_kl_controller_matches_reference")
+def _gae_times_mask(token_rewards, values, mask, gamma, lam, gae_fn=G.compute_gae):
+    m = mask.to(values.dtype)
+    r, v = token_rewards * m, values * m  # NaN * 0 = NaN, and the recursion carries it up the row
+    next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
+    ends = torch.zeros_like(m, dtype=torch.bool)
+    ends[torch.arange(m.shape[0]), C.last_valid_index(mask)] = True
+    adv, _ = gae_fn(r.T, v.T, next_v.T, ends.T, torch.zeros_like(ends.T), gamma, lam)
+    return adv.T * m, (adv.T + v) * m
 
 
-def test_mutant_gradient_ascent_fails_gold_reward():
-    assert_check_fails(audit_once("ppo", "toy", 0, NO_HACK, ppo_clip_loss=gradient_ascent),
-                       "gold_reward_rises_above_sft")
+def _score_on_first_pad(logprobs, ref_logprobs, scores, response_mask, beta):  # TRL's sequence_lengths + 1
+    rewards = -beta * torch.where(response_mask.bool(), logprobs - ref_logprobs, torch.zeros_like(logprobs))
+    slot = response_mask.sum(1).long().clamp(max=response_mask.shape[1] - 1)
+    return rewards.index_put((torch.arange(rewards.shape[0]), slot), scores, accumulate=True)
 
 
-def test_mutant_kl_against_the_old_policy_with_a_larger_step_fails_kl_bound(monkeypatch):
-    original = M.collect_rollout
-
-    def ref_is_old(*args, **kwargs):  # the seed repository's PPO bug: the KL penalty against pi_old
-        ro = original(*args, **kwargs)
-        ro.ref_logprobs = ro.old_logprobs
-        return ro
-
-    monkeypatch.setattr(M, "collect_rollout", ref_is_old)
-    assert_check_fails(audit_once("ppo", "toy", 0, {**NO_HACK, "actor_lr": "0.01"}), "kl_to_reference_stays_bounded")
+def _optimistic_value_loss(values, old_values, returns, mask, clip_range):
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * C.masked_mean(torch.minimum((values - returns) ** 2, (clipped - returns) ** 2), mask), torch.zeros(())
 
 
-def test_mutant_unbiased_annotator_does_not_hack():
-    assert_check_fails(audit_once("ppo", "toy", 0, {"decoy_bonus": "0"}), "reward_hacking_without_kl_penalty")
+class _UnclippedController(C.AdaptiveKLController):
+    def update(self, current_kl, n_steps):
+        self.value *= 1.0 + (current_kl / self.target - 1.0) * n_steps / self.horizon
+
+
+MUTANTS = [
+    Mutant("clip_table_matches_reference", "min instead of max", {"ppo_clip_loss": clip_with_min}),
+    Mutant("clipped_tokens_get_zero_gradient", "clip removed", {"ppo_clip_loss": clip_removed}),
+    Mutant("padding_gets_zero_gradient", "padding selected after exp", {"ppo_clip_loss": where_after_exp}),
+    Mutant("padding_never_changes_the_loss", "loss times mask", {"ppo_clip_loss": loss_times_mask}, QUICK),
+    Mutant("kl_estimators_match_reference_vectors", "k3 upside down", {"kl_estimators": k3_upside_down}),
+    Mutant("k1_and_k3_are_unbiased_for_the_exact_kl", "k1 reversed", {"kl_estimators": k1_reversed}, QUICK),
+    Mutant("k1_and_k3_are_unbiased_for_the_exact_kl", "k3 clamped at 10", {"kl_estimators": k3_clamped}),
+    Mutant("advantages_whitened_over_valid_tokens_only", "whitened over padding",
+           {"masked_whiten": whiten_over_everything}, QUICK),
+    Mutant("ratio_is_one_on_first_minibatch", "clipfrac counts ties", {"ppo_clip_loss": clipfrac_counts_ties}, QUICK),
+    Mutant("ratio_is_one_on_first_minibatch", "ratio against the reference", overrides=QUICK,
+           patch=_collect_with(old_logprobs="ref_logprobs")),
+    Mutant("loop_advantages_use_gamma_and_lambda", "TRL's gamma, lam hard-coded", overrides=QUICK,
+           patch=_advantages_with(1.0, 0.95)),
+    Mutant("loop_advantages_use_gamma_and_lambda", "gamma dropped", overrides=QUICK,
+           patch=_advantages_with(gamma=1.0)),
+    Mutant("reference_and_reward_model_weights_unchanged", "reference aliases the actor", overrides=QUICK,
+           patch=lambda: mock.patch.object(M, "actor_and_reference", _aliased_reference)),
+    Mutant("response_gae_matches_gae_per_response", "padding multiplied by the mask",
+           patch=lambda: mock.patch.object(M, "response_gae", _gae_times_mask)),
+    Mutant("score_on_last_valid_token", "score one slot after EOS", overrides=QUICK,
+           patch=lambda: mock.patch.object(M, "kl_penalized_rewards", _score_on_first_pad)),
+    Mutant("value_clipping_matches_reference", "min instead of max",
+           patch=lambda: mock.patch.object(M, "value_loss", _optimistic_value_loss)),
+    Mutant("adaptive_kl_controller_matches_reference", "error not clipped",
+           patch=lambda: mock.patch.object(M, "AdaptiveKLController", _UnclippedController)),
+    Mutant("gold_reward_rises_above_sft", "gradient ascent on the loss", {"ppo_clip_loss": gradient_ascent}),
+    Mutant("kl_to_reference_stays_bounded", "no KL penalty", overrides={"kl_coef": "0"}),
+    Mutant("kl_to_reference_stays_bounded", "KL penalty against pi_old",
+           patch=_collect_with(ref_logprobs="old_logprobs")),
+    Mutant("reward_hacking_without_kl_penalty", "an unbiased annotator", overrides={"decoy_bonus": "0"}),
+]
+
+
+@mutant_params(MUTANTS)
+def test_mutant_breaks_its_check(mutant):
+    assert_mutant_fails("ppo", mutant)
+
+
+def test_every_check_has_a_mutant():
+    assert_every_check_has_a_mutant("ppo", MUTANTS)

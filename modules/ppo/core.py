@@ -113,11 +113,16 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
         clipfrac = masked mean of [clipped term > unclipped term]   (tokens with zero gradient)
         approxkl = masked mean of (ratio - 1) - log ratio           (k3 of KL(old || new) >= 0)
     Returns (loss, clipfrac, approxkl), 0-dim tensors; only loss carries gradient. Padding never
-    changes any of them. On the first minibatch after a rollout ratio == 1: loss = -masked_mean(A),
-    clipfrac = 0, approxkl = 0. Per-token table (eps 0.2): (A 1, r 1.5) -> -1.2; (A -1, r 0.5) -> 0.8.
+    changes any of them, and padded positions get an exactly zero gradient even when their log-probs
+    or advantages are NaN: select with torch.where before exp, never multiply by the mask (NaN * 0 is
+    NaN, in the backward pass too). On the first minibatch after a rollout ratio == 1: loss =
+    -masked_mean(A), clipfrac = 0, approxkl = 0. Per-token table (eps 0.2): (A 1, r 1.5) -> -1.2;
+    (A -1, r 0.5) -> 0.8.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    log_ratio = logprobs - old_logprobs
+    valid = mask.bool()
+    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    advantages = torch.where(valid, advantages, torch.zeros_like(advantages))
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
@@ -182,30 +187,34 @@ def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
     logprobs: (B, T) log pi_old of the sampled response tokens (the rollout policy); ref_logprobs:
     (B, T) the same tokens under the frozen reference; scores: (B,) the reward model's score of each
     whole response; response_mask: (B, T), 1 on valid tokens (up to and including EOS).
-        rewards[b, t] = -beta * (logprobs - ref_logprobs)[b, t] * mask[b, t]
+        rewards[b, t] = -beta * (logprobs - ref_logprobs)[b, t]   where mask[b, t] = 1, else 0
         rewards[b, last_b] += scores[b],     last_b = the rightmost valid position of row b
-    Returns (B, T); zero outside the mask; row sums = score - beta * sum_t k1. The score goes on the
-    last VALID token, never on padding (TRL's slot after EOS is a known off-by-one trap).
+    Returns (B, T); zero outside the mask, even where the log-probs there are NaN; row sums = score -
+    beta * sum_t k1. The score goes on the last VALID token, never on padding (TRL's slot after EOS is
+    a known off-by-one trap); an empty row (no valid token) has no token to carry it and stays all 0.
     """
-    m = response_mask.to(logprobs.dtype)
-    rewards = -beta * torch.where(response_mask.bool(), logprobs - ref_logprobs, torch.zeros_like(logprobs)) * m
+    valid = response_mask.bool()
+    rewards = -beta * torch.where(valid, logprobs - ref_logprobs, torch.zeros_like(logprobs))
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    return rewards.index_put((rows, last_valid_index(response_mask)), scores.to(rewards.dtype), accumulate=True)
+    score = torch.where(valid.any(-1), scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
+    return rewards.index_put((rows, last_valid_index(response_mask)), score, accumulate=True)
 
 
 def response_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
                  gae_fn: Callable = compute_gae) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over response tokens with modules.gae: each response is one episode ending (terminal) at
     its last valid token, so nothing is bootstrapped past it (verl, TRL). (B, T) in, (B, T) out:
-    (advantages, returns), zero outside the mask; returns = advantages + values (critic targets)."""
-    m = mask.to(values.dtype)
-    r, v = token_rewards * m, values * m
+    (advantages, returns), zero outside the mask; returns = advantages + values (critic targets).
+    Padding is never read: a NaN reward or value there leaves the row's valid tokens untouched."""
+    valid = mask.bool()
+    r = torch.where(valid, token_rewards, torch.zeros_like(token_rewards))
+    v = torch.where(valid, values, torch.zeros_like(values))
     next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
-    ends = torch.zeros_like(m, dtype=torch.bool)
-    ends[torch.arange(m.shape[0]), last_valid_index(mask)] = True
+    ends = torch.zeros_like(valid)
+    ends[torch.arange(valid.shape[0]), last_valid_index(mask)] = True
     adv, _ = gae_fn(r.T, v.T, next_v.T, ends.T, torch.zeros_like(ends.T), gamma, lam)
-    adv = adv.T * m
-    return adv, (adv + v) * m
+    adv = torch.where(valid, adv.T, torch.zeros_like(v))
+    return adv, torch.where(valid, adv + v, torch.zeros_like(v))
 
 
 class FixedKLController:

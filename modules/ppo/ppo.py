@@ -12,18 +12,22 @@ closed by <eos>, and the gold reward the number of times the target digit t occu
 imitates the data distribution (about 2 targets per response); the reward model is a Bradley-Terry
 model trained on gold-labelled pairs (the reward_model module's train_reward_model). PPO must raise the
 gold reward, which it never sees, through that learned proxy, at a bounded KL to the SFT policy.
-Second experiment (reward hacking): a proxy trained on labels from a biased annotator who also likes a
-decoy digit, optimised with beta = 0: the proxy keeps rising while the gold reward falls.
+Second experiment (reward hacking): a flawed proxy, a biased annotator's judgement that also counts a decoy
+digit (3 points each, against 1 per target), optimised with beta = 0: the proxy score climbs while the
+gold reward does not follow, because the proxy's optimum is an answer full of decoys.
+
+    run(cfg, generator) -> PPOResult      prepare (SFT + RM) -> train_with_kl_penalty -> reward_hacking
 
 Builds on: ppo.core (masked statistics, clipped losses, KL rewards, response GAE, KL controllers),
 ppo.rollout (EOS-terminated sampling, log-probs, values), reward_model (task, SFT warm-up, RM), training.
 Deviations from TRL's PPOTrainer: a separate critic network with its own optimizer (verl's layout), the
 score on the last valid token (TRL puts it one slot after EOS), no dropout to switch off, tiny models.
+Model weights are initialised from the global RNG (torch.manual_seed), as in the reward_model module.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
@@ -39,9 +43,11 @@ __all__ = [
     "FORMULAS", "PPOConfig",
     "task_config", "special_ids", "prompt_len", "make_prompts", "decoy_digit", "biased_utility",
     "sft_policy", "frozen_copy", "actor_and_reference", "honest_reward_model",
-    "biased_preference_pairs", "train_biased_reward_model",
+    "proxy_agreement",
     "reward_fn_from_model", "new_critic",
-    "Rollout", "collect_rollout", "token_kl_exact", "evaluate", "train_ppo",
+    "Rollout", "collect_rollout", "token_kl_exact", "evaluate",
+    "Advantages", "rollout_advantages", "ppo_optimizers", "ppo_update", "train_ppo",
+    "Setup", "prepare", "Trained", "train_with_kl_penalty", "Hacking", "reward_hacking", "PPOResult", "run",
 ]
 
 FORMULAS = [
@@ -58,7 +64,9 @@ FORMULAS = [
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """What the ppo audit runs: the counting task and its models, PPO itself, the reward-hacking run."""
+    """What the ppo audit runs: the counting task and its models, PPO itself, the reward-hacking run.
+    The outcome bars come from `llmaudit sweep ppo` (toy seeds 0-19, full seeds 0-4); each comment
+    says the worst seed and the margin left."""
 
     # the task and the models (the reward_model module's counting task)
     n_symbols: int = 6  # digits 0..n_symbols-1, then <bos> <sep> <eos> <pad>
@@ -67,7 +75,8 @@ class PPOConfig:
     d_model: int = 32
     n_layers: int = 2
     sft_steps: int = 30  # next-token warm-up that makes the SFT policy (reward_model's lm_steps)
-    rm_steps: int = 40  # Bradley-Terry steps of each reward model (honest and biased)
+    rm_steps: int = 60  # Bradley-Terry steps of the reward model (40 let one toy seed of 20 learn answer density)
+    rm_eval_pairs: int = 512  # held-out gold-labelled pairs for the reward models' pairwise accuracy
     # PPO
     iterations: int = 12  # rollout -> update cycles
     rollout_batch: int = 64  # prompts (one response each) per rollout
@@ -83,20 +92,20 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     kl_ctl: Literal["fixed", "adaptive"] = "adaptive"
-    kl_coef: float = 0.1  # beta (initial value when adaptive)
+    kl_coef: float = 0.1  # beta (initial value when adaptive; toy and full use 0.3)
     kl_target: float = 4.0  # adaptive controller: target sequence KL, nats
     kl_horizon: int = 1000  # adaptive controller: horizon in samples (Ziegler: 10000)
     eval_prompts: int = 256  # samples for the gold reward and exact KL before / after
-    # reward hacking: beta = 0 against a proxy trained on a biased annotator's labels
+    # reward hacking: beta = 0 against a biased annotator's judgement
     hack: bool = True  # run the reward-hacking experiment
     hack_iterations: int = 14
-    decoy_bonus: float = 3.0  # the annotator's utility: gold + decoy_bonus x count(decoy digit)
-    # outcome bars
-    min_gold_gain: float = 2.0  # gold reward after PPO minus the SFT policy's
-    max_kl: float = 7.0  # sequence KL(policy || SFT) after PPO, nats
-    min_proxy_gain: float = 0.5  # hacking: proxy score rise over the run
-    min_gold_drop: float = 1.0  # hacking, "falls": the gold reward ends at least this far below its peak ...
-    max_stall_gain: float = 0.5  # ... or "stalls": it ends at most this far above the SFT policy's
+    decoy_bonus: float = 3.0  # the proxy: gold + decoy_bonus x count(decoy digit)
+    # outcome bars (see the class docstring); full mode is at least as strict as toy
+    min_gold_gain: float = 2.15  # gold of the PPO policy minus the SFT policy's; worst toy 2.39 (full: 3.2, worst 3.61)
+    max_kl: float = 4.1  # exact sequence KL(PPO policy || SFT) at the end, nats; worst toy 3.11, full 3.66;
+    # without the penalty (beta = 0) the toy runs end at 5.05-8.7 nats
+    min_proxy_gain: float = 15.0  # hacking: proxy score, last rollouts minus first; worst toy 21.7, full 19.2
+    min_hack_gold_drop: float = 1.0  # hacking: the gold reward's peak (3-iteration mean) minus its end; worst full 1.45
 
     def __post_init__(self):
         if self.kl_ctl not in ("fixed", "adaptive"):
@@ -110,12 +119,15 @@ class PPOConfig:
 
     @classmethod
     def toy(cls) -> PPOConfig:
-        return cls()
+        # beta .3: at .1 the toy KL (2.7-6.7 nats) overlapped what runs without any penalty reach
+        return cls(kl_coef=0.3)
 
     @classmethod
     def full(cls) -> PPOConfig:
-        return cls(target_from_prompt=True, sft_steps=250, rm_steps=150, iterations=30, rollout_batch=128,
-                   eval_prompts=512, hack_iterations=30, min_gold_gain=1.2, max_kl=6.0)
+        # the prompt names the digit to count: a harder reward model, hence 300 RM steps (150 reached 0.87-0.90
+        # held-out accuracy and gold gains down to 2.16)
+        return cls(target_from_prompt=True, sft_steps=250, rm_steps=300, iterations=30, rollout_batch=128,
+                   kl_coef=0.3, eval_prompts=512, hack_iterations=30, min_gold_gain=3.2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,7 +163,8 @@ def decoy_digit(targets: torch.Tensor, n_symbols: int) -> torch.Tensor:
 
 
 def biased_utility(tokens: torch.Tensor, n_symbols: int, decoy_bonus: float) -> torch.Tensor:
-    """The biased annotator's judgement of full sequences (B, T): gold + decoy_bonus x count(decoy)."""
+    """The biased annotator's judgement of full sequences (B, T): gold + decoy_bonus x count(decoy). On the
+    task's data it mostly agrees with gold (both like targets); its optimum, all decoys, has gold 0."""
     decoy = decoy_digit(tokens[:, 1:2], n_symbols)
     return RM.gold_reward(tokens) + decoy_bonus * (tokens[:, 3:] == decoy).sum(1).float()
 
@@ -189,28 +202,11 @@ def honest_reward_model(sft: Transformer, cfg: PPOConfig, generator: torch.Gener
     return frozen_copy(rm), history
 
 
-def biased_preference_pairs(cfg: PPOConfig, n_pairs: int, generator: torch.Generator) -> RM.Pairs:
-    """Up to ``n_pairs`` pairs of responses to the same prompt from the task's data distribution, labelled
-    by the biased annotator: chosen = the higher biased_utility (pairs it rates equal are dropped, so
-    a pair may differ only in decoys). chosen_gold / rejected_gold are the gold rewards."""
-    rm_cfg = task_config(cfg)
-    targets = RM.sample_targets(rm_cfg, 2 * n_pairs, generator)  # oversampled: ties are dropped
-    a, b = RM.sample_sequences(rm_cfg, targets, generator), RM.sample_sequences(rm_cfg, targets, generator)
-    u_a, u_b = biased_utility(a, cfg.n_symbols, cfg.decoy_bonus), biased_utility(b, cfg.n_symbols, cfg.decoy_bonus)
-    keep, a_wins = u_a != u_b, (u_a > u_b)[:, None]
-    chosen, rejected = torch.where(a_wins, a, b)[keep][:n_pairs], torch.where(a_wins, b, a)[keep][:n_pairs]
-    gold_chosen, gold_rejected = RM.gold_reward(chosen), RM.gold_reward(rejected)
-    return RM.Pairs(chosen, rejected, gold_chosen, gold_rejected, gold_chosen < gold_rejected)
-
-
-def train_biased_reward_model(sft: Transformer, cfg: PPOConfig, generator: torch.Generator) -> Transformer:
-    """The flawed proxy: the same Bradley-Terry recipe (reward_model's loss, score and optimiser) on the
-    biased annotator's labels. It agrees with gold on most pairs of the SFT distribution, yet its
-    optimum is a response full of decoys."""
-    rm_cfg = task_config(cfg)
-    rm = RM.reward_model_from_lm(sft, rm_cfg.head_init_std)
-    RM.train_reward_model(rm, rm_cfg, generator, pairs_fn=lambda n, g: biased_preference_pairs(cfg, n, g))
-    return frozen_copy(rm)
+def proxy_agreement(pairs: RM.Pairs, n_symbols: int, decoy_bonus: float) -> float:
+    """Share of gold-labelled pairs on which the biased annotator also prefers the chosen answer (ties count
+    as disagreement): how plausible the flawed proxy looks on the data distribution."""
+    return (biased_utility(pairs.chosen, n_symbols, decoy_bonus)
+            > biased_utility(pairs.rejected, n_symbols, decoy_bonus)).float().mean().item()
 
 
 def reward_fn_from_model(rm: Transformer, pad_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -280,11 +276,101 @@ def evaluate(policy: Transformer, reference: Transformer, cfg: PPOConfig, genera
 
 
 # ---------------------------------------------------------------------------------------------------
-# The closed loop
+# The closed loop: one rollout's advantages, one PPO update, the training loop
+
+
+@dataclass
+class Advantages:
+    """What the loop derives from one rollout before it updates: all (B, T), zero outside the mask."""
+
+    rewards: torch.Tensor  # -beta k1 on every token + the score on the last valid token
+    advantages: torch.Tensor  # GAE(gamma, lam) over each response, before whitening
+    whitened: torch.Tensor  # what the actor's loss uses
+    returns: torch.Tensor  # advantages + values: the critic's targets
+
+
+def rollout_advantages(ro: Rollout, beta: float, gamma: float, lam: float, *,
+                       kl_penalized_rewards: Callable = kl_penalized_rewards,
+                       masked_whiten: Callable = masked_whiten) -> Advantages:
+    """Token rewards, GAE(gamma, lam) over every response, advantages whitened over valid tokens only."""
+    rewards = kl_penalized_rewards(ro.old_logprobs, ro.ref_logprobs, ro.scores, ro.mask, beta)
+    advantages, returns = response_gae(rewards, ro.values, ro.mask, gamma, lam)
+    return Advantages(rewards, advantages, masked_whiten(advantages, ro.mask), returns)
 
 
 def _optimizer(model: Transformer, lr: float, steps: int):
     return configure_optimizer(model, OptimConfig(lr=lr, min_lr=lr, warmup_steps=0, weight_decay=0.0), steps)
+
+
+def ppo_optimizers(policy: Transformer, critic: Transformer, cfg: PPOConfig, iterations: int) -> dict:
+    """{"actor": (AdamW, scheduler), "critic": (AdamW, scheduler)}: constant lr, no weight decay, one
+    optimizer per trained model. The reference and the reward model get none: they are never trained."""
+    updates = iterations * cfg.ppo_epochs * cfg.n_minibatches
+    return {"actor": _optimizer(policy, cfg.actor_lr, updates), "critic": _optimizer(critic, cfg.critic_lr, updates)}
+
+
+def _step(loss: torch.Tensor, model: Transformer, optimizer, scheduler, max_grad_norm: float) -> None:
+    loss.backward()
+    clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+def ppo_update(policy: Transformer, critic: Transformer, ro: Rollout, adv: Advantages, optimizers: dict,
+               cfg: PPOConfig, generator: torch.Generator, *, ppo_clip_loss: Callable = ppo_clip_loss) -> dict:
+    """``ppo_epochs`` passes over one rollout in ``n_minibatches`` shuffled minibatches; each minibatch
+    steps the actor (clipped surrogate - ent_coef x entropy) and the critic (clipped value loss).
+    Returns lists of per-minibatch stats, and first_ratio_dev / first_clipfrac: max |ratio - 1| and the
+    clip fraction of the first minibatch (both 0 when the rollout's log-probs are the policy's own)."""
+    B, T = ro.mask.shape
+    P, mb = ro.tokens.shape[1] - T, B // cfg.n_minibatches
+    stats = {k: [] for k in ("pg", "vf", "clipfrac", "vclipfrac", "approxkl", "ratio", "entropy")}
+    policy.train()
+    critic.train()
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=generator)
+        for start in range(0, B, mb):
+            idx = order[start:start + mb]
+            m = ro.mask[idx]
+            logprobs, entropy = policy_logprobs(policy, ro.tokens[idx], P, cfg.temperature)
+            pg_loss, clipfrac, approxkl = ppo_clip_loss(logprobs, ro.old_logprobs[idx], adv.whitened[idx], m,
+                                                        cfg.clip_eps)
+            mean_entropy = masked_mean(entropy, m)
+            _step(pg_loss - cfg.ent_coef * mean_entropy, policy, *optimizers["actor"], cfg.max_grad_norm)
+            values = critic_values(critic, ro.tokens[idx], P)
+            vf_loss, vf_clipfrac = value_loss(values, ro.values[idx], adv.returns[idx], m, cfg.clip_value)
+            _step(vf_loss, critic, *optimizers["critic"], cfg.max_grad_norm)
+            with torch.no_grad():
+                ratio = torch.exp(logprobs - ro.old_logprobs[idx])
+                if "first_ratio_dev" not in stats:  # nothing has moved yet: the policy IS pi_old
+                    deviation = torch.where(m.bool(), (ratio - 1).abs(), torch.zeros_like(ratio))
+                    stats["first_ratio_dev"] = deviation.max().item()
+                    stats["first_clipfrac"] = float(clipfrac)
+            for key, value in (("pg", pg_loss), ("vf", vf_loss), ("clipfrac", clipfrac), ("vclipfrac", vf_clipfrac),
+                               ("approxkl", approxkl), ("ratio", masked_mean(ratio, m)), ("entropy", mean_entropy)):
+                stats[key].append(float(value.detach()))
+    return stats
+
+
+def _metrics(ro: Rollout, seq_kl: torch.Tensor, beta: float, stats: dict, eos_id: int) -> dict:
+    """One iteration's record, with TRL's metric names."""
+    avg = lambda key: sum(stats[key]) / len(stats[key])  # noqa: E731
+    P = ro.tokens.shape[1] - ro.mask.shape[1]
+    neg_logp = torch.where(ro.mask.bool(), -ro.old_logprobs, torch.zeros_like(ro.old_logprobs)).sum(1)
+    return {
+        "objective/kl": seq_kl.mean().item(), "objective/entropy": neg_logp.mean().item(),
+        "objective/non_score_reward": (beta * seq_kl).mean().item(),
+        "objective/rlhf_reward": (ro.scores - beta * seq_kl).mean().item(),
+        "objective/scores": ro.scores.mean().item(), "objective/scores_std": ro.scores.std().item(),
+        "objective/kl_coef": beta,
+        "policy/approxkl_avg": avg("approxkl"), "policy/clipfrac_avg": avg("clipfrac"),
+        "policy/entropy_avg": avg("entropy"), "loss/policy_avg": avg("pg"), "loss/value_avg": avg("vf"),
+        "val/clipfrac_avg": avg("vclipfrac"), "val/ratio": avg("ratio"),
+        "val/num_eos_tokens": int((ro.tokens[:, P:] == eos_id).sum()),
+        "response_length": ro.mask.sum(1).mean().item(),
+        "first_ratio_dev": stats["first_ratio_dev"], "first_clipfrac": stats["first_clipfrac"],
+    }
 
 
 def train_ppo(policy: Transformer, reference: Transformer, critic: Transformer, reward_fn: Callable,
@@ -292,13 +378,16 @@ def train_ppo(policy: Transformer, reference: Transformer, critic: Transformer, 
               *, eos_id: int, pad_id: int, iterations: int | None = None, kl_coef: float | None = None,
               gold_fn: Callable | None = None, ppo_clip_loss: Callable = ppo_clip_loss,
               kl_estimators: Callable = kl_estimators, masked_whiten: Callable = masked_whiten,
-              kl_penalized_rewards: Callable = kl_penalized_rewards,
+              kl_penalized_rewards: Callable = kl_penalized_rewards, optimizers: dict | None = None,
+              on_rollout: Callable[[int, Rollout, Advantages], None] | None = None,
               on_iteration: Callable[[int, dict], None] | None = None) -> tuple[Transformer, list[dict]]:
     """RLHF-PPO: ``iterations`` rollouts, each followed by ``ppo_epochs`` x ``n_minibatches`` updates of the
     actor (clipped surrogate, entropy bonus) and the critic (clipped value loss). ``policy`` and ``critic``
     are trained in place; ``reference`` and the reward model behind ``reward_fn`` (full sequences -> (B,)
     scores) are only read. ``prompts_fn(n, generator)`` draws (n, P) prompts; ``gold_fn`` (optional) maps
     sequences to a true reward that is only logged. ``kl_coef`` overrides cfg.kl_coef (0 = no KL penalty).
+    ``optimizers`` (default: ppo_optimizers) lets the caller keep the live optimizer objects;
+    ``on_rollout(it, rollout, advantages)`` sees each rollout and the advantages the update will use.
 
     Returns (policy, history): one dict per iteration with TRL's metric names (objective/kl, objective/
     entropy, objective/scores, objective/rlhf_reward, policy/approxkl_avg, policy/clipfrac_avg,
@@ -309,83 +398,154 @@ def train_ppo(policy: Transformer, reference: Transformer, critic: Transformer, 
     beta0 = cfg.kl_coef if kl_coef is None else kl_coef
     kl_ctl = (AdaptiveKLController(beta0, cfg.kl_target, cfg.kl_horizon) if cfg.kl_ctl == "adaptive" and beta0 > 0
               else FixedKLController(beta0))
-    updates = iterations * cfg.ppo_epochs * cfg.n_minibatches
-    actor_opt, actor_sched = _optimizer(policy, cfg.actor_lr, updates)
-    critic_opt, critic_sched = _optimizer(critic, cfg.critic_lr, updates)
-    B, mb = cfg.rollout_batch, cfg.rollout_batch // cfg.n_minibatches
+    optimizers = ppo_optimizers(policy, critic, cfg, iterations) if optimizers is None else optimizers
     history = []
     for it in range(iterations):
         # ---- 1. rollout: sample, then score with actor (old), reference, critic and reward model
-        prompts = prompts_fn(B, generator)
-        P = prompts.shape[1]
-        ro = collect_rollout(policy, reference, critic, reward_fn, prompts, cfg.max_len + 1, eos_id, pad_id, generator,
-                     cfg.temperature)
-        mask = ro.mask
-        scores = ro.scores
+        prompts = prompts_fn(cfg.rollout_batch, generator)
+        ro = collect_rollout(policy, reference, critic, reward_fn, prompts, cfg.max_len + 1, eos_id, pad_id,
+                             generator, cfg.temperature)
         k1, _, _ = kl_estimators(ro.old_logprobs, ro.ref_logprobs)
-        seq_kl = torch.where(mask.bool(), k1, torch.zeros_like(k1)).sum(1)  # (B,) sum_t k1
+        seq_kl = torch.where(ro.mask.bool(), k1, torch.zeros_like(k1)).sum(1)  # (B,) sum_t k1
         beta = kl_ctl.value
-        # ---- 2. per-token rewards, GAE over the response, whitening over valid tokens
-        rewards = kl_penalized_rewards(ro.old_logprobs, ro.ref_logprobs, scores, mask, beta)
-        advantages, returns = response_gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        # ---- 2. per-token rewards, GAE(gamma, lam) over the response, whitening over valid tokens
+        adv = rollout_advantages(ro, beta, cfg.gamma, cfg.lam, kl_penalized_rewards=kl_penalized_rewards,
+                                 masked_whiten=masked_whiten)
+        if on_rollout is not None:
+            on_rollout(it, ro, adv)
         # ---- 3. several epochs of minibatch updates on this rollout
-        stats = {k: [] for k in ("pg", "vf", "clipfrac", "vclipfrac", "approxkl", "ratio", "entropy")}
-        first_dev = first_clipfrac = None
-        policy.train()
-        critic.train()
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=generator)
-            for start in range(0, B, mb):
-                idx = order[start:start + mb]
-                m = mask[idx]
-                logprobs, entropy = policy_logprobs(policy, ro.tokens[idx], P, cfg.temperature)
-                pg_loss, clipfrac, approxkl = ppo_clip_loss(logprobs, ro.old_logprobs[idx], advantages[idx], m,
-                                                            cfg.clip_eps)
-                mean_entropy = masked_mean(entropy, m)
-                (pg_loss - cfg.ent_coef * mean_entropy).backward()
-                clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                actor_opt.step()
-                actor_opt.zero_grad(set_to_none=True)
-                actor_sched.step()
-
-                values = critic_values(critic, ro.tokens[idx], P)
-                vf_loss, vf_clipfrac = value_loss(values, ro.values[idx], returns[idx], m, cfg.clip_value)
-                vf_loss.backward()
-                clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                critic_opt.step()
-                critic_opt.zero_grad(set_to_none=True)
-                critic_sched.step()
-
-                with torch.no_grad():
-                    ratio = torch.exp(logprobs - ro.old_logprobs[idx])
-                    if first_dev is None:  # the first minibatch after the rollout: nothing has moved yet
-                        first_dev = torch.where(m.bool(), (ratio - 1).abs(), torch.zeros_like(ratio)).max().item()
-                        first_clipfrac = float(clipfrac)
-                for key, value in (("pg", pg_loss), ("vf", vf_loss), ("clipfrac", clipfrac),
-                                   ("vclipfrac", vf_clipfrac), ("approxkl", approxkl),
-                                   ("ratio", masked_mean(ratio, m)), ("entropy", mean_entropy)):
-                    stats[key].append(float(value.detach()))
-        kl_ctl.update(seq_kl.mean().item(), n_steps=B)
-        # ---- 4. metrics (TRL names)
-        avg = lambda key: sum(stats[key]) / len(stats[key])  # noqa: E731
-        neg_logp = torch.where(mask.bool(), -ro.old_logprobs, torch.zeros_like(ro.old_logprobs)).sum(1)
-        record = {
-            "objective/kl": seq_kl.mean().item(), "objective/entropy": neg_logp.mean().item(),
-            "objective/non_score_reward": (beta * seq_kl).mean().item(),
-            "objective/rlhf_reward": (scores - beta * seq_kl).mean().item(),
-            "objective/scores": scores.mean().item(), "objective/scores_std": scores.std().item(),
-            "objective/kl_coef": beta,
-            "policy/approxkl_avg": avg("approxkl"), "policy/clipfrac_avg": avg("clipfrac"),
-            "policy/entropy_avg": avg("entropy"), "loss/policy_avg": avg("pg"), "loss/value_avg": avg("vf"),
-            "val/clipfrac_avg": avg("vclipfrac"), "val/ratio": avg("ratio"),
-            "val/num_eos_tokens": int((ro.tokens[:, P:] == eos_id).sum()),
-            "response_length": mask.sum(1).mean().item(),
-            "first_ratio_dev": first_dev, "first_clipfrac": first_clipfrac,
-        }
+        stats = ppo_update(policy, critic, ro, adv, optimizers, cfg, generator, ppo_clip_loss=ppo_clip_loss)
+        kl_ctl.update(seq_kl.mean().item(), n_steps=cfg.rollout_batch)
+        # ---- 4. metrics
+        record = _metrics(ro, seq_kl, beta, stats, eos_id)
         if gold_fn is not None:
             record["objective/gold_reward"] = gold_fn(ro.tokens).float().mean().item()
         history.append(record)
         if on_iteration is not None:
             on_iteration(it, record)
     return policy, history
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiments: SFT + reward model, PPO with the KL penalty, reward hacking without it
+
+
+@dataclass
+class Setup:
+    """What PPO starts from: the SFT policy and the honest reward model (frozen), and how good each is."""
+
+    sft: Transformer
+    sft_history: list[dict]  # the SFT warm-up's next-token loss per step
+    reward_model: Transformer  # frozen
+    rm_history: list[dict]  # Bradley-Terry loss per step
+    heldout: RM.Pairs  # clean gold-labelled pairs, never trained on
+    rm_accuracy: float  # the reward model's pairwise accuracy on them
+    before: dict  # evaluate(sft): gold reward, KL (0), length and samples of the SFT policy
+
+
+def prepare(cfg: PPOConfig, generator: torch.Generator) -> Setup:
+    """Stage 1 (SFT warm-up) and stage 2 (Bradley-Terry reward model on gold-labelled pairs)."""
+    rm_cfg = task_config(cfg)
+    sft, sft_history = RM.warmup_language_model(rm_cfg, generator)
+    rm, rm_history = honest_reward_model(sft, cfg, generator)
+    heldout = RM.preference_pairs(rm_cfg, cfg.rm_eval_pairs, generator)
+    accuracy = RM.pairwise_accuracy(rm, heldout, special_ids(cfg)[3])
+    return Setup(sft, sft_history, rm, rm_history, heldout, accuracy, evaluate(sft, sft, cfg, generator))
+
+
+@dataclass
+class Trained:
+    """PPO with the KL penalty: the four models after training, the history, and the final evaluation."""
+
+    policy: Transformer
+    reference: Transformer
+    critic: Transformer
+    history: list[dict]
+    after: dict  # evaluate(policy, reference): gold reward, exact sequence KL to SFT, length, samples
+
+
+def _prompts_fn(cfg: PPOConfig) -> Callable[[int, torch.Generator], torch.Tensor]:
+    return lambda n, g: make_prompts(cfg, n, g)
+
+
+def train_with_kl_penalty(setup: Setup, cfg: PPOConfig, generator: torch.Generator, *,
+                          critic: Transformer | None = None, ppo_clip_loss: Callable = ppo_clip_loss,
+                          kl_estimators: Callable = kl_estimators, masked_whiten: Callable = masked_whiten,
+                          kl_penalized_rewards: Callable = kl_penalized_rewards,
+                          on_iteration: Callable[[int, dict], None] | None = None) -> Trained:
+    """Stage 3: PPO from the SFT policy against the honest reward model, with the KL penalty to a frozen
+    SFT copy. ``critic`` defaults to new_critic(sft) (a zero value head)."""
+    _, _, eos, pad = special_ids(cfg)
+    policy, reference = actor_and_reference(setup.sft)
+    critic = new_critic(setup.sft) if critic is None else critic
+    policy, history = train_ppo(policy, reference, critic, reward_fn_from_model(setup.reward_model, pad),
+                                _prompts_fn(cfg), cfg, generator, eos_id=eos, pad_id=pad, gold_fn=RM.gold_reward,
+                                ppo_clip_loss=ppo_clip_loss, kl_estimators=kl_estimators,
+                                masked_whiten=masked_whiten, kl_penalized_rewards=kl_penalized_rewards,
+                                on_iteration=on_iteration)
+    return Trained(policy, reference, critic, history, evaluate(policy, reference, cfg, generator))
+
+
+def running_mean(ys: list[float], n: int = 3) -> torch.Tensor:
+    """The mean of each point and the (up to) n - 1 before it: a noisy curve, smoothed. (len(ys),) tensor."""
+    y = torch.tensor(ys, dtype=torch.float64)
+    c = torch.cat([y.new_zeros(1), y.cumsum(0)])
+    i = torch.arange(1, len(ys) + 1)
+    return (c[i] - c[(i - n).clamp(min=0)]) / (i - (i - n).clamp(min=0))
+
+
+def tail_mean(ys: list[float], n: int = 3) -> float:
+    """The mean of the last ``n`` points: the end of a noisy curve."""
+    return running_mean(ys, n)[-1].item()
+
+
+@dataclass
+class Hacking:
+    """beta = 0 against the biased proxy: per-iteration proxy score, gold reward and KL of the rollouts."""
+
+    proxy_agreement: float  # the proxy's pairwise agreement with gold on the held-out pairs
+    history: list[dict]
+    proxy: list[float] = field(init=False)
+    gold: list[float] = field(init=False)
+    kl: list[float] = field(init=False)
+
+    def __post_init__(self):
+        self.proxy = [h["objective/scores"] for h in self.history]
+        self.gold = [h["objective/gold_reward"] for h in self.history]
+        self.kl = [h["objective/kl"] for h in self.history]
+
+
+def reward_hacking(setup: Setup, cfg: PPOConfig, generator: torch.Generator, *,
+                   ppo_clip_loss: Callable = ppo_clip_loss, kl_estimators: Callable = kl_estimators,
+                   masked_whiten: Callable = masked_whiten,
+                   on_iteration: Callable[[int, dict], None] | None = None) -> Hacking:
+    """``hack_iterations`` of PPO with beta = 0 from a fresh copy of the SFT policy, rewarded by the biased
+    annotator's judgement (biased_utility) instead of the honest reward model."""
+    _, _, eos, pad = special_ids(cfg)
+    policy, reference = actor_and_reference(setup.sft)
+    proxy = lambda tokens: biased_utility(tokens, cfg.n_symbols, cfg.decoy_bonus)  # noqa: E731
+    _, history = train_ppo(policy, reference, new_critic(setup.sft), proxy, _prompts_fn(cfg), cfg, generator,
+                           eos_id=eos, pad_id=pad, iterations=cfg.hack_iterations, kl_coef=0.0, gold_fn=RM.gold_reward,
+                           ppo_clip_loss=ppo_clip_loss, kl_estimators=kl_estimators, masked_whiten=masked_whiten,
+                           on_iteration=on_iteration)
+    return Hacking(proxy_agreement(setup.heldout, cfg.n_symbols, cfg.decoy_bonus), history)
+
+
+@dataclass
+class PPOResult:
+    setup: Setup
+    trained: Trained
+    hacking: Hacking | None  # None when cfg.hack is off
+
+
+def run(cfg: PPOConfig, generator: torch.Generator, *, ppo_clip_loss: Callable = ppo_clip_loss,
+        kl_estimators: Callable = kl_estimators, masked_whiten: Callable = masked_whiten) -> PPOResult:
+    """Both experiments: SFT + reward model, PPO with the KL penalty, then reward hacking (if cfg.hack).
+
+    >>> r = run(PPOConfig.toy(), torch.Generator().manual_seed(0))
+    >>> r.setup.before["gold"], r.trained.after["gold"], r.trained.after["kl"]   # gold up, KL bounded
+    """
+    kernels = dict(ppo_clip_loss=ppo_clip_loss, kl_estimators=kl_estimators, masked_whiten=masked_whiten)
+    setup = prepare(cfg, generator)
+    trained = train_with_kl_penalty(setup, cfg, generator, **kernels)
+    return PPOResult(setup, trained, reward_hacking(setup, cfg, generator, **kernels) if cfg.hack else None)

@@ -8,6 +8,9 @@
 
 The task is the reward_model / ppo modules' counting task (gold = how often the prompt's digit occurs),
 so every stage is judged by a gold reward that no model ever sees.
+
+    run(cfg, generator) -> RLHFResult     ppo.prepare (stages 1, 2) -> ppo.train_with_kl_penalty (stage 3)
+
 Builds on: reward_model (SFT warm-up, Bradley-Terry RM, pairwise accuracy), ppo (core kernels, rollouts,
 train_ppo, the four roles).
 Deviations from InstructGPT: no PPO-ptx pretraining mix, no reward normalisation before PPO, the
@@ -21,20 +24,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from modules import reward_model as RM
 from modules.ppo import ppo as PPO
 from modules.ppo.core import kl_penalized_rewards
 from modules.transformer import Transformer
 
 __all__ = ["FORMULAS", "RLHFConfig", "STAGES", "ALGORITHM_ROLES", "kl_penalized_rewards",
-           "critic_from_reward_model", "distinct_models", "memory_in_model_copies", "StageResult", "run_pipeline"]
+           "critic_from_reward_model", "distinct_models", "memory_in_model_copies", "adam_memory", "make_critic",
+           "StageResult", "eos_rate", "stage_results", "RLHFResult", "run"]
 
 FORMULAS = [
     ("Objective", r"$\max_\pi\ \mathbb{E}_{y\sim\pi}[r_\phi(x,y)]-\beta\,KL(\pi\,\|\,\pi_{SFT})$"),
     ("SFT", r"$L=-\sum_t m_t\log\pi(y_t|x,y_{<t})\,/\sum_t m_t$"),
     ("Reward model", r"$L=-\log\sigma\left(r_\phi(x,y_w)-r_\phi(x,y_l)\right)$"),
     ("Token reward", r"$r_t=-\beta\log\frac{\pi_{old}(y_t)}{\pi_{SFT}(y_t)}+[t=T]\,r_\phi(x,y)$"),
-    ("Memory", r"$\mathrm{copies}=n_{models}+3\,n_{trained}\quad(\mathrm{grads}+2\ \mathrm{Adam\ moments})$"),
+    ("Memory (hand count)", r"$\mathrm{copies}=n_{models}+3\,n_{trained}\quad(\mathrm{grads}+2\ \mathrm{Adam\ moments})$"),
 ]
 
 # what each stage reads and writes, which models it trains and which it only reads
@@ -46,7 +49,7 @@ STAGES = [
     {"stage": "3 PPO", "data_in": "prompts only; answers sampled online", "data_out": "aligned policy",
      "trainable": ["actor", "critic"], "frozen": ["reference", "reward model"]},
 ]
-# the same bookkeeping for the other alignment algorithms of the course (their modules hold the code)
+# the same bookkeeping for the other alignment algorithms of the course, by hand (their modules hold the code)
 ALGORITHM_ROLES = {
     "PPO (RLHF)": {"trainable": ["actor", "critic"], "frozen": ["reference", "reward model"]},
     "DPO": {"trainable": ["policy"], "frozen": ["reference"]},
@@ -57,25 +60,28 @@ ALGORITHM_ROLES = {
 
 @dataclass(frozen=True)
 class RLHFConfig(PPO.PPOConfig):
-    """The three stages: the ppo module's task and PPO settings, plus the pipeline's own bars."""
+    """The three stages: the ppo module's task and PPO settings, plus the pipeline's own bars. Bars come from
+    `llmaudit sweep rlhf` (toy seeds 0-19, full seeds 0-4), below the worst seed with the margin stated;
+    full mode is at least as strict as toy."""
 
     hack: bool = False  # the reward-hacking experiment belongs to the ppo audit
     critic_from_rm: bool = True  # InstructGPT initialises the value model from the reward model
-    rm_eval_pairs: int = 512  # held-out clean pairs for the RM's pairwise accuracy
-    min_rm_accuracy: float = 0.8  # outcome bar: stage 2 held-out pairwise accuracy
-    min_eos_rate: float = 0.97  # outcome bar: stage 1 samples that end with <eos> within max_len + 1
-    min_score_gain: float = 0.5  # outcome bar: RM score of the PPO policy's samples minus SFT's
+    min_rm_accuracy: float = 0.8  # stage 2 held-out pairwise accuracy; worst toy 0.980, full 0.899
+    min_eos_rate: float = 0.84  # stage 1 samples that end with <eos> within max_len + 1; worst toy 0.926
+    min_score_gain: float = 0.5  # RM score of the PPO policy's samples minus SFT's; worst toy 2.06, full 2.21
 
     @classmethod
     def toy(cls) -> RLHFConfig:
         # 30 SFT steps (the ppo toy) leave 5-10 % of answers without <eos>; the stronger SFT model then
-        # drifts faster, hence beta 0.2 instead of 0.1
-        return cls(sft_steps=60, kl_coef=0.2, min_eos_rate=0.9, min_gold_gain=3.0, max_kl=6.0)
+        # drifts faster, hence beta 0.2 instead of 0.1. Worst toy seed: gold gain 3.37 (bar 3.0), KL 3.92 nats
+        # (bar 4.85; collapsing onto the reward model's favourite answer costs 5.4-8.7 nats)
+        return cls(sft_steps=60, rm_steps=50, iterations=10, kl_coef=0.2, min_gold_gain=3.0, max_kl=4.85)
 
     @classmethod
     def full(cls) -> RLHFConfig:
+        # worst full seed: gold gain 3.77 (bar 3.3), <eos> rate 0.994 (bar 0.9), KL 4.34 nats (bar 4.85)
         return cls(target_from_prompt=True, sft_steps=250, rm_steps=300, iterations=30, rollout_batch=128, kl_coef=0.15,
-                   eval_prompts=512, rm_eval_pairs=2048, min_gold_gain=2.5, max_kl=6.0, min_rm_accuracy=0.85)
+                   eval_prompts=512, rm_eval_pairs=2048, min_gold_gain=3.3, max_kl=4.85, min_eos_rate=0.9)
 
 
 def critic_from_reward_model(rm: Transformer) -> Transformer:
@@ -98,9 +104,34 @@ def distinct_models(*models: nn.Module) -> int:
 
 
 def memory_in_model_copies(n_trainable: int, n_frozen: int) -> int:
-    """Weights-sized tensors in memory under Adam: every model's weights, plus a gradient and two
-    moment estimates for each trained model (activations and the KV cache not counted)."""
+    """The hand count (a formula, not a measurement): weights-sized tensors in memory under Adam are every
+    model's weights, plus a gradient and two moment estimates for each trained model (activations and the
+    KV cache not counted). adam_memory measures the same from live objects."""
     return n_trainable * 4 + n_frozen
+
+
+def adam_memory(models: dict[str, nn.Module], optimizers: list) -> list[dict]:
+    """Floats held per model, measured from the live objects after training: its parameters, the gradients
+    of the parameters an optimizer updates (each gets a .grad at step time), and the optimizer's state
+    tensors for them (AdamW's two moments; step counters are not tensors). One dict per model:
+    {model, params, grads, optimizer_state, total}."""
+    updated = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    state = {id(p): sum(v.numel() for v in s.values() if torch.is_tensor(v))
+             for opt in optimizers for p, s in opt.state.items()}
+    rows = []
+    for name, model in models.items():
+        params = list(model.parameters())
+        row = {"model": name, "params": sum(p.numel() for p in params),
+               "grads": sum(p.numel() for p in params if id(p) in updated),
+               "optimizer_state": sum(state.get(id(p), 0) for p in params)}
+        rows.append({**row, "total": row["params"] + row["grads"] + row["optimizer_state"]})
+    return rows
+
+
+def make_critic(setup: PPO.Setup, cfg: RLHFConfig) -> Transformer:
+    """The critic of stage 3: a trainable copy of the reward model (InstructGPT), or a zero value head on
+    the SFT model when ``critic_from_rm`` is off."""
+    return critic_from_reward_model(setup.reward_model) if cfg.critic_from_rm else PPO.new_critic(setup.sft)
 
 
 @dataclass
@@ -112,43 +143,37 @@ class StageResult:
     extra: dict  # stage-specific measurements
 
 
-def run_pipeline(cfg: RLHFConfig, generator: torch.Generator, *, kl_penalized_rewards=kl_penalized_rewards,
-                 on_iteration=None) -> dict:
-    """SFT -> RM -> PPO. Returns the models of every stage, the PPO history and one StageResult per stage
-    (each stage's policy sampled on the same number of fresh prompts and scored by gold and the final RM)."""
-    rm_cfg = PPO.task_config(cfg)
-    bos, sep, eos, pad = PPO.special_ids(cfg)
-    # ---- stage 1: SFT on demonstrations (the task's data distribution)
-    sft, sft_history = RM.warmup_language_model(rm_cfg, generator)
-    # ---- stage 2: the reward model, initialised from SFT with a scalar head, on gold-labelled pairs
-    rm = RM.reward_model_from_lm(sft, rm_cfg.head_init_std)
-    rm_history = RM.train_reward_model(rm, rm_cfg, generator)
-    rm = PPO.frozen_copy(rm)
-    heldout = RM.preference_pairs(rm_cfg, cfg.rm_eval_pairs, generator)
-    rm_accuracy = RM.pairwise_accuracy(rm, heldout, pad)
-    reward_fn = PPO.reward_fn_from_model(rm, pad)
-    # ---- stage 3: PPO with four models
-    actor, reference = PPO.actor_and_reference(sft)
-    critic = critic_from_reward_model(rm) if cfg.critic_from_rm else PPO.new_critic(sft)
-    before = {"reference": copy.deepcopy(reference.state_dict()), "rm": copy.deepcopy(rm.state_dict())}
-    first = PPO.collect_rollout(actor, reference, critic, reward_fn, PPO.make_prompts(cfg, 64, generator),
-                                cfg.max_len + 1, eos, pad, generator, cfg.temperature)
-    with torch.no_grad():  # what the critic says at the end of each answer before any update
-        critic_start = RM.score(critic, first.tokens, pad)
-    policy, history = PPO.train_ppo(actor, reference, critic, reward_fn, lambda n, g: PPO.make_prompts(cfg, n, g),
-                                    cfg, generator, eos_id=eos, pad_id=pad, gold_fn=RM.gold_reward,
-                                    kl_penalized_rewards=kl_penalized_rewards, on_iteration=on_iteration)
+def eos_rate(samples: torch.Tensor, cfg: RLHFConfig) -> float:
+    """Share of sampled answers (B, P + T) that contain <eos>, i.e. end before the length limit cuts them."""
+    eos = PPO.special_ids(cfg)[2]
+    return (samples[:, PPO.prompt_len(cfg):] == eos).any(1).float().mean().item()
 
-    def measure(stage: str, model: Transformer) -> StageResult:
-        ev = PPO.evaluate(model, reference, cfg, generator)
-        eos_rate = (ev["tokens"][:, PPO.prompt_len(cfg):] == eos).any(1).float().mean().item()
-        return StageResult(stage, ev["gold"], reward_fn(ev["tokens"]).mean().item(), ev["kl"], {"eos_rate": eos_rate})
 
-    after_sft = measure("1 SFT", sft)
-    # stage 2 trains the RM only: the policy is still the SFT model, so its numbers carry over
-    after_rm = StageResult("2 reward model", after_sft.gold, after_sft.rm_score, after_sft.kl,
-                           {"rm_accuracy": rm_accuracy})
-    stages = [after_sft, after_rm, measure("3 PPO", policy)]
-    return {"sft": sft, "rm": rm, "actor": policy, "reference": reference, "critic": critic, "history": history,
-            "stages": stages, "before": before, "first_rollout": first, "critic_start": critic_start, "rm_accuracy": rm_accuracy,
-            "sft_history": sft_history, "rm_history": rm_history}
+def stage_results(setup: PPO.Setup, trained: PPO.Trained, cfg: RLHFConfig) -> list[StageResult]:
+    """One row per stage: the policy after it, sampled on ``eval_prompts`` fresh prompts and judged by gold
+    and by the stage-2 reward model. Stage 2 trains the RM only, so the policy is still the SFT model."""
+    reward_fn = PPO.reward_fn_from_model(setup.reward_model, PPO.special_ids(cfg)[3])
+    before, after = setup.before, trained.after
+    sft = StageResult("1 SFT", before["gold"], reward_fn(before["tokens"]).mean().item(), before["kl"],
+                      {"eos_rate": eos_rate(before["tokens"], cfg)})
+    rm = StageResult("2 reward model", sft.gold, sft.rm_score, sft.kl, {"rm_accuracy": setup.rm_accuracy})
+    ppo = StageResult("3 PPO", after["gold"], reward_fn(after["tokens"]).mean().item(), after["kl"],
+                      {"eos_rate": eos_rate(after["tokens"], cfg)})
+    return [sft, rm, ppo]
+
+
+@dataclass
+class RLHFResult:
+    setup: PPO.Setup  # stages 1 and 2: SFT policy, reward model, held-out accuracy
+    trained: PPO.Trained  # stage 3: actor, reference, critic, PPO history, final evaluation
+    stages: list[StageResult]
+
+
+def run(cfg: RLHFConfig, generator: torch.Generator, *, kl_penalized_rewards=kl_penalized_rewards,
+        on_iteration=None) -> RLHFResult:
+    """SFT -> RM -> PPO, with the critic initialised from the RM and ``kl_penalized_rewards`` making the
+    token rewards of every rollout."""
+    setup = PPO.prepare(cfg, generator)
+    trained = PPO.train_with_kl_penalty(setup, cfg, generator, critic=make_critic(setup, cfg),
+                                        kl_penalized_rewards=kl_penalized_rewards, on_iteration=on_iteration)
+    return RLHFResult(setup, trained, stage_results(setup, trained, cfg))
