@@ -49,6 +49,9 @@ class Mutant:
     context manager that breaks module code while the audit runs (e.g. ``lambda:
     mock.patch.object(M, "bootstrap", wrong)``). ``raises=True`` accepts a check that fails because
     the broken code raised; by default the check must fail on a measurement.
+
+    A function bound as a default argument (``def train(..., loss_fn=ppo_clip_loss)``) keeps the
+    original whatever you patch afterwards: patch the function that passes it, or pass a kernel.
     """
 
     check: str

@@ -68,11 +68,11 @@ def test_ema_stays_within_the_range_of_the_data(values, weight):
 
 
 def test_tables_round_trip_and_render(tmp_path):
-    from llmaudit.audit import AuditResult, Context
+    from llmaudit.audit import AuditResult, Check, Context
     from llmaudit.record import RunRecord
 
     ctx = Context("mdp", seed=3)
-    ctx.check("a_check", True, 1.0, "= 1", "why")
+    ctx.result.checks.append(Check("a_check", True, 1.0, "== 1", "why"))
     ctx.table("Stages", ["stage", "trainable", "gold"], [["SFT", "policy", 1.5], ["PPO | RL", "actor, critic", 6.25]])
     with pytest.raises(ValueError, match="2 cells for 3 columns"):
         ctx.table("Bad", ["a", "b", "c"], [[1, 2]])
