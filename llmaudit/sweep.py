@@ -245,10 +245,7 @@ SPAN = re.compile(r"(<!--\s*sweep\s(?P<spec>[^>]*?)-->)(?P<body>.*?)(<!--\s*/swe
 
 
 def span_fields(spec: str) -> list[str]:
-    """The words of a span's spec; the older "| a | b |" form is read too."""
-    spec = spec.strip()
-    if spec.startswith("|"):
-        return [f.strip() for f in spec.strip("|").split(" | ")]
+    """The words of a span's spec."""
     return shlex.split(spec)
 
 
