@@ -12,7 +12,9 @@ from llmaudit.cli import brief, doctor, learn, practice, run
 HELP = """llmaudit: an interview-prep lab for LLM / RLHF engineers. Every topic is a small PyTorch module
 that really learns a toy task, plus an audit of named invariants that fail when the code is wrong.
 
-Run and audit: llmaudit list · llmaudit smoke · llmaudit audit gae · llmaudit report
+Run and audit: llmaudit list · llmaudit smoke · llmaudit audit gae · llmaudit audit gae --check linear_in_rewards · llmaudit report
+
+Robustness: llmaudit sweep gae --seeds 20 (every check over many seeds: pass rate, worst margin, range)
 
 Hand-write (手撕): llmaudit practice compute_gae · llmaudit check compute_gae my_compute_gae.py
 
