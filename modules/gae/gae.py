@@ -65,6 +65,8 @@ class GAEConfig:
     reward_noise: float = 0.5  # std of Gaussian noise added to each reward
     critic_offset: float = 0.5  # V_hat = V^pi + offset + noise: a critic that overestimates
     critic_noise: float = 0.1  # std of the fixed per-state error of V_hat
+    terminal_value: float = 3.0  # V_hat on the terminal observation, where a critic never gets a target:
+    #                              garbage that a correct GAE never reads, and one that bootstraps there shows
     # thresholds
     z_max: float = 4.0  # "zero within noise" means |estimate| <= z_max standard errors
     z_max_grid: float = 4.5  # the same for the worst lam of the grid (a max over many estimates)
@@ -352,6 +354,7 @@ def run(cfg: GAEConfig, generator: torch.Generator, gae_fn: Callable = compute_g
     V = M.evaluate_policy_exact(mdp.P, mdp.R, mdp.gamma, policy)  # V(terminal) = 0
     Q = M.q_from_v(mdp.P, mdp.R, mdp.gamma, V)
     V_hat = noisy_critic(V, cfg.critic_offset, cfg.critic_noise, generator)
+    V_hat[mdp.terminal] = cfg.terminal_value
     ro = rollout(mdp, policy, s0, a0, cfg.horizon, cfg.n_rollouts, cfg.reward_noise, generator)
     lambdas = torch.linspace(0.0, 1.0, cfg.n_lambdas, dtype=DTYPE)
     n = cfg.n_rollouts
