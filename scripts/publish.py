@@ -6,6 +6,8 @@
     python scripts/mutant_sweep.py --save docs/sweep/mutants.json
     python scripts/publish.py            # or: make robustness (all four)
 
+After changing one module, `python scripts/resweep.py MODULE` re-runs just its sweeps and mutants.
+
 `--check` changes nothing and exits 1 if a file is out of date (the test suite runs the same check).
 """
 from __future__ import annotations
