@@ -60,28 +60,38 @@ def test_stated_parameters_reads_what_an_item_writes():
     assert stated_parameters("g(x: Tensor, eps=1e-6)", "g") == ["x", "eps"]
 
 
-def longest_share(items, lang: str) -> float:
-    """The fraction of choice items whose keyed option is (strictly or tied) the longest in ``lang``."""
-    hits = 0
-    for item in items:
-        lengths = [len(c.get(lang)) for c in item.choices]
-        hits += lengths[item.answer] == max(lengths)
-    return hits / len(items)
+def key_length_rank(item, lang: str) -> int:
+    """1 if the keyed option is (strictly or tied) the longest in ``lang``, 2 if one option is longer, ..."""
+    lengths = [len(c.get(lang)) for c in item.choices]
+    return sorted(lengths, reverse=True).index(lengths[item.answer]) + 1
+
+
+def rank_shares(items, lang: str) -> dict[int, float]:
+    """For each length rank r, the fraction of items whose keyed option has rank r."""
+    ranks = [key_length_rank(i, lang) for i in items]
+    return {r: round(ranks.count(r) / len(ranks), 3) for r in sorted(set(ranks))}
 
 
 def test_the_correct_option_is_not_given_away_by_its_length(shipped):
-    """Picking the longest option must not pass the quiz: it is the key in at most 40 % of choice items."""
+    """Picking by length must not pass the quiz: the keyed option is the longest in at most 40 % of choice items,
+    and no other length rank (second longest, shortest, ...) finds it more often either, in either language."""
     choice = [i for i in shipped.items() if i.type == "choice"]
     assert len(choice) >= 100
-    shares = {lang: round(longest_share(choice, lang), 3) for lang in LANGS}
-    assert all(s <= 0.40 for s in shares.values()), shares
+    for lang in LANGS:
+        shares = rank_shares(choice, lang)
+        assert shares.get(1, 0.0) <= 0.40, (lang, shares)
+        assert max(shares.values()) <= 0.40, (lang, shares)
 
 
-def test_longest_share_counts_ties_as_longest(shipped):
-    choice = [i for i in shipped.items() if i.type == "choice"][:1]
-    item = choice[0]
+def test_key_length_rank_counts_ties_as_longest(shipped):
+    item = next(i for i in shipped.items() if i.type == "choice")
     tied = item.model_copy(update={"choices": [item.choices[0]] * len(item.choices)})
-    assert longest_share([tied], "en") == 1.0
+    assert key_length_rank(tied, "en") == 1
+    others = [c for k, c in enumerate(item.choices) if k != item.answer]
+    longer = item.model_copy(update={"choices": [*others, item.choices[item.answer]], "answer": len(others)})
+    longer = longer.model_copy(update={"choices": [*longer.choices[:-1], longer.choices[-1].model_copy(
+        update={"en": "x" * 10_000})]})
+    assert key_length_rank(longer, "en") == 1 and rank_shares([tied, longer], "en") == {1: 1.0}
 
 
 def learner_facing_files() -> list[Path]:
