@@ -141,11 +141,27 @@ def sentences(text: str):
 
 
 def test_zero_memory_saving_is_stated_per_stage(shipped):
-    """Only ZeRO-3 approaches 1/N of the model states; a sentence that says ZeRO saves about N× or 1/N names
-    ZeRO-3 (ZeRO-1 is about 4×, ZeRO-2 about 8× with mixed-precision Adam)."""
-    texts = [t for card in shipped.cards.values() for t in (card.must_explain, *card.key_points,
-                                                            *(qa.a for qa in card.qa))]
-    texts += [i.a for i in shipped.items()] + [k for i in shipped.items() for k in i.keypoints]
-    bad = [s for t in texts for lang in LANGS for s in sentences(t.get(lang))
-           if "ZeRO" in s and re.search(r"1/N\b|÷ ?N\b|roughly by N|约降到 1/N", s) and "ZeRO-3" not in s]
+    """Only ZeRO-3 approaches 1/N of the model states (ZeRO-1 is about 4x, ZeRO-2 about 8x with mixed-precision
+    Adam): a text that credits ZeRO with an N-fold saving also gives the stage figures (4x for ZeRO-1)."""
+    n_fold = re.compile(r"1/N\b|÷ ?N\b|by N\b|N ?×|N 倍")
+    per_stage = re.compile(r"4 ?×|4 倍|4Ψ \+ 12Ψ/N")
+    bad = [t.get(lang) for t in all_texts(shipped) for lang in LANGS
+           if "ZeRO" in t.get(lang) and n_fold.search(t.get(lang)) and not per_stage.search(t.get(lang))]
+    assert bad == []
+
+
+def all_texts(shipped):
+    texts = [t for card in shipped.cards.values() for t in (card.one_liner, card.must_explain, *card.key_points,
+                                                            *card.pitfalls, *(qa.a for qa in card.qa))]
+    return texts + [t for i in shipped.items() for t in (i.a, *i.keypoints, *(i.choices or []))]
+
+
+def test_reward_hacking_is_diagnosed_against_a_gold_signal(shipped):
+    """Reward hacking is the proxy (RM) score rising while gold/human quality stalls or falls; a sentence that
+    diagnoses it from a stalled reward must say which reward (proxy vs gold), since KL spent with a flat proxy
+    is a different problem."""
+    stalls = re.compile(r"stall|停滞|no longer improves|不再提高")
+    names_the_reward = re.compile(r"proxy|gold|代理|金标准|真实|人工")
+    bad = [s for t in all_texts(shipped) for lang in LANGS for s in sentences(t.get(lang))
+           if re.search(r"reward hacking", s, re.IGNORECASE) and stalls.search(s) and not names_the_reward.search(s)]
     assert bad == []
