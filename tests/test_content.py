@@ -61,7 +61,7 @@ def test_stated_parameters_reads_what_an_item_writes():
 
 
 def key_length_rank(item, lang: str) -> int:
-    """1 if the keyed option is (strictly or tied) the longest in ``lang``, 2 if one option is longer, ..."""
+    """1 + the number of options strictly longer than the keyed one in ``lang`` (1: the key is, or ties for, longest)."""
     lengths = [len(c.get(lang)) for c in item.choices]
     return sorted(lengths, reverse=True).index(lengths[item.answer]) + 1
 
@@ -84,14 +84,15 @@ def test_the_correct_option_is_not_given_away_by_its_length(shipped):
 
 
 def test_key_length_rank_counts_ties_as_longest(shipped):
-    item = next(i for i in shipped.items() if i.type == "choice")
-    tied = item.model_copy(update={"choices": [item.choices[0]] * len(item.choices)})
-    assert key_length_rank(tied, "en") == 1
-    others = [c for k, c in enumerate(item.choices) if k != item.answer]
-    longer = item.model_copy(update={"choices": [*others, item.choices[item.answer]], "answer": len(others)})
-    longer = longer.model_copy(update={"choices": [*longer.choices[:-1], longer.choices[-1].model_copy(
-        update={"en": "x" * 10_000})]})
-    assert key_length_rank(longer, "en") == 1 and rank_shares([tied, longer], "en") == {1: 1.0}
+    item = next(i for i in shipped.items() if i.type == "choice" and len(i.choices) == 4)
+    def with_key(text: str):
+        choices = [c.model_copy(update={"en": "y" * 20}) for c in item.choices]
+        choices[item.answer] = choices[item.answer].model_copy(update={"en": text})
+        return item.model_copy(update={"choices": choices})
+    assert key_length_rank(with_key("y" * 20), "en") == 1  # a tie counts as longest
+    assert key_length_rank(with_key("x" * 99), "en") == 1
+    assert key_length_rank(with_key("x"), "en") == 4  # rank = 1 + the number of strictly longer options
+    assert rank_shares([with_key("x" * 99), with_key("x")], "en") == {1: 0.5, 4: 0.5}
 
 
 def learner_facing_files() -> list[Path]:
@@ -140,6 +141,12 @@ def sentences(text: str):
     return re.split(r"(?<=[。；;.!?])\s*", text)
 
 
+def all_texts(shipped):
+    texts = [t for card in shipped.cards.values() for t in (card.one_liner, card.must_explain, *card.key_points,
+                                                            *card.pitfalls, *(qa.a for qa in card.qa))]
+    return texts + [t for i in shipped.items() for t in (i.a, *i.keypoints, *(i.choices or []))]
+
+
 def test_zero_memory_saving_is_stated_per_stage(shipped):
     """Only ZeRO-3 approaches 1/N of the model states (ZeRO-1 is about 4x, ZeRO-2 about 8x with mixed-precision
     Adam): a text that credits ZeRO with an N-fold saving also gives the stage figures (4x for ZeRO-1)."""
@@ -148,12 +155,6 @@ def test_zero_memory_saving_is_stated_per_stage(shipped):
     bad = [t.get(lang) for t in all_texts(shipped) for lang in LANGS
            if "ZeRO" in t.get(lang) and n_fold.search(t.get(lang)) and not per_stage.search(t.get(lang))]
     assert bad == []
-
-
-def all_texts(shipped):
-    texts = [t for card in shipped.cards.values() for t in (card.one_liner, card.must_explain, *card.key_points,
-                                                            *card.pitfalls, *(qa.a for qa in card.qa))]
-    return texts + [t for i in shipped.items() for t in (i.a, *i.keypoints, *(i.choices or []))]
 
 
 def test_reward_hacking_is_diagnosed_against_a_gold_signal(shipped):
