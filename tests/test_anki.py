@@ -7,9 +7,11 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from typer.testing import CliRunner
@@ -83,6 +85,9 @@ def test_package_is_a_zip_with_a_valid_collection(tmp_path, shipped):
     cards = db.execute("SELECT nid, did, ord FROM cards").fetchall()
     assert len(cards) == len(rows) and {o for _, _, o in cards} == {0}
     assert len({nid for nid, _, _ in cards}) == len(rows)
+    # Anki updates a note on import only if the incoming one is newer: notes carry the export time
+    mods = [mod for (mod,) in db.execute("SELECT mod FROM notes")]
+    assert all(abs(mod - time.time()) < 300 for mod in mods)
     tags_of = {nid: tags.split() for nid, tags in db.execute("SELECT id, tags FROM notes")}
     for nid, did, _ in cards:
         day = next(int(t[3:]) for t in tags_of[nid] if t.startswith("day"))
@@ -327,7 +332,9 @@ def test_real_anki_imports_and_a_newer_export_updates_in_place(tmp_path, shipped
         i.model_copy(update={"a": Text(zh="新解释", en="A new explanation.")}) if i.id == item.id else i
         for i in shipped.days[7].items]})
     edited = Content(shipped.roadmap, shipped.cards, {**shipped.days, 7: day7})
-    first = write_package(build_notes(shipped, day=7, lang="en"), tmp_path / "first.apkg")
+    now = time.time()
+    with mock.patch.object(anki.time, "time", lambda: now - 3600):  # an export made an hour ago
+        first = write_package(build_notes(shipped, day=7, lang="en"), tmp_path / "first.apkg")
     second = write_package(build_notes(edited, day=7, lang="en"), tmp_path / "second.apkg")
 
     (tmp_path / "anki").mkdir()
