@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -358,3 +359,10 @@ def test_real_anki_imports_and_a_newer_export_updates_in_place(tmp_path, shipped
         assert set(col.tags.all()) == {t for note in build_notes(shipped, day=7) for t in note.tags}
     finally:
         col.close()
+
+
+def test_readme_states_the_number_of_notes(shipped):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    stated = re.search(r"(\d+) notes for all 16 days", readme)
+    assert stated, "the README's Anki section says how many notes a full export has"
+    assert int(stated.group(1)) == len(build_notes(shipped)) == len(expected_ids(shipped))
