@@ -160,9 +160,8 @@ def _quiz_note(item, day: int, lang: str, built: bool) -> AnkiNote | None:
     if item.type == "numeric":
         return None
     if item.type == "choice":
-        letters = "ABCDEFGHIJ"
         options = '<ol class="options" type="A">' + "".join(f"<li>{pick(c, lang)}</li>" for c in item.choices) + "</ol>"
-        right = f"{letters[item.answer]}. {pick(item.choices[item.answer], lang)}"
+        right = f"{chr(ord('A') + item.answer)}. {pick(item.choices[item.answer], lang)}"
         fields = (pick(item.q, lang), options, right, pick(item.a, lang), _source(day, item.module, item.id))
         return AnkiNote(item.id, "choice", day, item.module, fields)
     extra = ""
