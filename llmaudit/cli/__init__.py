@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmaudit import __version__
-from llmaudit.cli import brief, doctor, learn, practice, run
+from llmaudit.cli import brief, doctor, export, learn, practice, run
 
 HELP = """llmaudit: an interview-prep lab for LLM / RLHF engineers. Every topic is a small PyTorch module
 that really learns a toy task, plus an audit of named invariants that fail when the code is wrong.
@@ -29,6 +29,7 @@ app = typer.Typer(name="llmaudit", help=HELP, no_args_is_help=True, rich_markup_
 for group in (run, practice, learn, brief, doctor):
     for command in group.app.registered_commands:
         app.registered_commands.append(command)
+app.add_typer(export.app, name="export")
 
 
 def _version_callback(value: bool) -> None:
