@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmaudit.cli.common import (DEFAULT_OUT, INTERRUPTED, EnvironmentProblem, JsonOpt, OutOpt, UsageError, emit_json,
-                                 err, errors, out)
+                                 err, errors, out, writable_dir)
 
 app = typer.Typer()
 
@@ -181,6 +181,7 @@ def progress(lang: LangOpt = None, out_dir: OutOpt = DEFAULT_OUT, json_mode: Jso
 
     with errors(json_mode):
         l = resolve_lang(lang)
+        writable_dir(out_dir)
         c, store = _open()
         try:
             p = compute(c, store, utc_now(), l)

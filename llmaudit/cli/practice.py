@@ -8,7 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmaudit.cli.common import FAILED, OK, JsonOpt, UsageError, emit_json, err, errors, out, progress_bar
+from llmaudit.cli.common import (FAILED, OK, JsonOpt, UsageError, emit_json, err, errors, out, progress_bar,
+                                 writable_dir)
 from llmaudit.cli.run import print_record, record_payload
 from llmaudit.record import atomic_write
 from llmaudit.registry import all_kernels, get_kernel
@@ -50,6 +51,7 @@ def practice(
         path = out_file or Path(f"my_{k.name}.py")
         if path.exists() and not force:
             raise UsageError(f"{path} already exists; pass --force to overwrite it or --out to choose another file.")
+        writable_dir(path.parent)
         atomic_write(path, k.stub(filename=str(path)))
     if json_mode:
         emit_json("llmaudit.practice/v1", {"ok": True, "kernel": k.name, "module": k.module, "file": str(path)})

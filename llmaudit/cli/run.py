@@ -11,7 +11,7 @@ from rich.padding import Padding
 from rich.table import Table
 
 from llmaudit.cli.common import (DEFAULT_OUT, FAILED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark, out,
-                                 progress_bar, say)
+                                 progress_bar, say, writable_dir)
 from llmaudit.config import parse_assignments
 from llmaudit.record import RunRecord, find_records, latest_records
 from llmaudit.registry import all_audits, get_audit
@@ -79,6 +79,7 @@ def smoke(
     """
     start = time.perf_counter()
     with errors(json_mode):
+        writable_dir(out_dir)
         specs = [get_audit(m) for m in module] if module else all_audits()
         records: list[RunRecord] = []
         with progress_bar(json_mode) as bar:
@@ -206,6 +207,7 @@ def audit(
         spec = get_audit(module)
         overrides = parse_assignments(assignments or [])
         seed_list = resolve_seeds(mode, seed, seeds)
+        writable_dir(out_dir)
         with progress_bar(json_mode) as bar:
             task = bar.add_task(f"{spec.name} ({mode}, {len(seed_list)} seed{'s' * (len(seed_list) > 1)})", total=1.0)
             rec = run_audit(spec, mode=mode, seeds=seed_list, overrides=overrides, only=only or None,
@@ -235,6 +237,7 @@ def report(out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> None:
     from llmaudit.report.render import render_index, render_run
 
     with errors(json_mode):
+        writable_dir(out_dir)
         paths = find_records(out_dir / "runs")
         pages, warnings = [], []
         with progress_bar(json_mode) as bar:
@@ -295,6 +298,9 @@ def sweep(
             from llmaudit.config import apply_overrides
 
             apply_overrides(specs[0].make_config(mode), overrides)  # a bad value fails before any work
+        for path in (save, markdown):
+            if path is not None:
+                writable_dir(path.parent, "--save/--markdown")
         n = seeds if seeds is not None else {"toy": 20, "full": 5}[mode]
         seed_list = list(range(seed, seed + n))
         workers = jobs or os.cpu_count() or 1

@@ -1,0 +1,137 @@
+"""Faults and bad input: each is one paragraph on stderr, the documented exit code, no traceback, and
+nothing the user already had is lost (issue 11)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import llmaudit.runner
+from llmaudit.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "_TYPER_FORCE_DISABLE_TERMINAL": "1"})
+
+
+def invoke(*args, **kw):
+    return runner.invoke(app, [str(a) for a in args], **kw)
+
+
+def assert_clean_error(result, code: int, *texts: str) -> None:
+    """Exit ``code``, each text in the message, and no Python traceback anywhere."""
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == code, (result.exit_code, output, result.exception)
+    assert "Traceback" not in output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    for text in texts:
+        assert text in " ".join(output.split()), (text, output)
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """A folder nobody may create files in, root included: ``chattr +i`` for root (chmod does not stop
+    root), chmod 0o555 otherwise. Skips where neither is possible."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("running as root without chattr +i: cannot make a folder read-only")
+        try:
+            yield path
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+
+
+def no_work(monkeypatch):
+    """Fail the test if an audit starts: the output folder must be checked before any work."""
+    def refuse(*a, **k):
+        raise AssertionError("an audit ran although the output folder is unusable")
+    monkeypatch.setattr(llmaudit.runner, "run_audit", refuse)
+    monkeypatch.setattr("llmaudit.cli.run.run_audit", refuse)
+
+
+# --------------------------------------------------------------------------- 1. unusable output folders
+
+def test_writable_dir_creates_a_missing_folder_and_leaves_no_probe(tmp_path):
+    from llmaudit.cli.common import writable_dir
+
+    target = tmp_path / "a" / "b"
+    assert writable_dir(target) == target
+    assert target.is_dir() and list(target.iterdir()) == []
+
+
+def test_writable_dir_probe_reports_a_read_only_file_system(tmp_path, monkeypatch):
+    from llmaudit.cli.common import EnvironmentProblem, writable_dir
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(EnvironmentProblem, match="Read-only file system"):
+        writable_dir(tmp_path)
+
+
+def under_a_file(tmp_path: Path) -> Path:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a regular file\n")
+    return blocker / "reports"
+
+
+@pytest.mark.parametrize("command", [
+    ["audit", "gae", "--toy"], ["smoke", "-m", "gae"], ["report"], ["progress"],
+])
+def test_output_folder_under_a_file_is_exit_3_before_any_work(command, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMAUDIT_HOME", str(tmp_path / "home"))
+    no_work(monkeypatch)
+    target = under_a_file(tmp_path)
+    assert_clean_error(invoke(*command, "--out", target), 3, f"cannot write to the output folder {target}",
+                       "a part of the path is a file", "nothing was done")
+    assert (tmp_path / "blocker").read_text() == "a regular file\n"
+
+
+def test_output_folder_that_is_a_file_is_exit_3(tmp_path, monkeypatch):
+    no_work(monkeypatch)
+    target = tmp_path / "reports"
+    target.write_text("x")
+    assert_clean_error(invoke("audit", "gae", "--toy", "--out", target), 3, "it is a file, not a folder")
+
+
+def test_read_only_output_folder_is_exit_3_before_the_audit_runs(tmp_path, monkeypatch):
+    no_work(monkeypatch)
+    with read_only_folder(tmp_path / "ro") as ro:
+        result = invoke("audit", "gae", "--toy", "--out", ro)
+        assert list(ro.iterdir()) == []
+    assert_clean_error(result, 3, f"cannot write to the output folder {ro}")
+
+
+def test_read_only_smoke_and_report_folders_are_exit_3(tmp_path, monkeypatch):
+    no_work(monkeypatch)
+    with read_only_folder(tmp_path / "ro") as ro:
+        smoke = invoke("smoke", "-m", "gae", "--out", ro)
+        report = invoke("report", "--out", ro, "--json")
+    assert_clean_error(smoke, 3, "cannot write to the output folder")
+    assert_clean_error(report, 3, "cannot write to the output folder")
+    assert '"exit_code": 3' in report.stdout
+
+
+def test_brief_into_a_read_only_folder_is_exit_3(tmp_path):
+    with read_only_folder(tmp_path / "ro") as ro:
+        result = invoke("brief", "gae", "-f", "md", "--reports", ro)
+    assert_clean_error(result, 3, f"cannot write to the output folder {ro / 'briefs'}", "--reports")
+
+
+def test_practice_stub_into_a_read_only_folder_is_exit_3(tmp_path):
+    with read_only_folder(tmp_path / "ro") as ro:
+        result = invoke("practice", "compute_gae", "-o", ro / "my_gae.py")
+        assert not (ro / "my_gae.py").exists()
+    assert_clean_error(result, 3, "cannot write to the output folder")
