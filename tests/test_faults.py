@@ -135,3 +135,49 @@ def test_practice_stub_into_a_read_only_folder_is_exit_3(tmp_path):
         result = invoke("practice", "compute_gae", "-o", ro / "my_gae.py")
         assert not (ro / "my_gae.py").exists()
     assert_clean_error(result, 3, "cannot write to the output folder")
+
+
+# --------------------------------------------------------------------------- 2. the progress database's home
+
+def test_llmaudit_home_that_is_a_file_is_exit_3(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.write_text("not a folder\n")
+    monkeypatch.setenv("LLMAUDIT_HOME", str(home))
+    result = invoke("progress", "--out", tmp_path / "reports")
+    assert_clean_error(result, 3, f"the progress folder {home} (set by LLMAUDIT_HOME)", "it is a file, not a folder",
+                       "Set LLMAUDIT_HOME to a folder you can write")
+    assert home.read_text() == "not a folder\n"
+
+
+def test_llmaudit_home_under_a_file_is_exit_3(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMAUDIT_HOME", str(under_a_file(tmp_path)))
+    assert_clean_error(invoke("quiz", "--day", "1", input="q\n"), 3, "a part of its path is a file")
+
+
+def test_healthy_database_in_a_read_only_folder_is_called_read_only_not_unreadable(tmp_path, monkeypatch):
+    import hashlib
+
+    from llmaudit.learn.store import Store
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("LLMAUDIT_HOME", str(home))
+    Store().close()
+    db = home / "progress.sqlite3"
+    before = hashlib.md5(db.read_bytes()).hexdigest()
+    with read_only_folder(home):
+        results = [invoke("progress", "--out", tmp_path / "reports"), invoke("quiz", "--day", "1", input="q\n")]
+    for result in results:
+        assert_clean_error(result, 3, f"{db} is read-only", "Your progress in it is intact and was not touched",
+                           f"Make {home} writable")
+        assert "move it away" not in result.output + result.stderr
+    assert hashlib.md5(db.read_bytes()).hexdigest() == before
+
+
+def test_empty_read_only_home_cannot_hold_the_database(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("LLMAUDIT_HOME", str(home))
+    with read_only_folder(home):
+        result = invoke("progress", "--out", tmp_path / "reports")
+        assert list(home.iterdir()) == []
+    assert_clean_error(result, 3, "cannot hold the progress database")
+    assert "not a readable" not in result.output + result.stderr
