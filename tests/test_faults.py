@@ -181,3 +181,56 @@ def test_empty_read_only_home_cannot_hold_the_database(tmp_path, monkeypatch):
         assert list(home.iterdir()) == []
     assert_clean_error(result, 3, "cannot hold the progress database")
     assert "not a readable" not in result.output + result.stderr
+
+
+# --------------------------------------------------------------------------- 6. the interview date
+
+def quiz_one_easy(*extra):
+    """Answer one recall item Easy; returns (result, days until it is due again)."""
+    import json
+    from datetime import datetime, timezone
+
+    result = invoke("quiz", "--day", "1", "-n", "1", "--lang", "en", "--json", *extra, input="\n4\n")
+    assert result.exit_code == 0, (result.output, result.stderr)
+    due = datetime.fromisoformat(json.loads(result.stdout)["items"][0]["next_due"])
+    return result, (due - datetime.now(timezone.utc)).total_seconds() / 86400
+
+
+def test_past_interview_date_is_refused_with_todays_date(tmp_path, monkeypatch):
+    from datetime import date
+
+    from llmaudit.learn.store import Store
+
+    monkeypatch.setenv("LLMAUDIT_HOME", str(tmp_path / "home"))
+    result = invoke("quiz", "--day", "1", "--interview-date", "2020-01-01", input="q\n")
+    assert_clean_error(result, 2, "--interview-date 2020-01-01 is in the past", "today is",
+                       "--interview-date none to clear it")
+    assert f"today is {date.today().isoformat()}" in result.stderr
+    assert Store().get("interview_date") is None  # nothing was saved
+
+
+def test_saved_past_interview_date_warns_and_caps_nothing(tmp_path, monkeypatch):
+    from llmaudit.learn.store import Store
+
+    monkeypatch.setenv("LLMAUDIT_HOME", str(tmp_path / "home"))
+    store = Store()
+    store.set("interview_date", "2020-01-01")  # saved long ago, when it was in the future
+    store.close()
+    result, days = quiz_one_easy()
+    assert "the saved interview date 2020-01-01 has passed" in " ".join(result.stderr.split())
+    assert "--interview-date none" in result.stderr
+    assert days > 1.5  # an Easy first answer is several days out; the passed date used to cap it at 1 d
+
+
+def test_interview_date_none_clears_the_saved_date(tmp_path, monkeypatch):
+    from datetime import date, timedelta
+
+    from llmaudit.learn.store import Store
+
+    monkeypatch.setenv("LLMAUDIT_HOME", str(tmp_path / "home"))
+    soon = (date.today() + timedelta(days=1)).isoformat()
+    _, capped = quiz_one_easy("--interview-date", soon)
+    assert Store().get("interview_date") == soon and capped <= 1.01
+    result = invoke("quiz", "--day", "2", "-n", "1", "--interview-date", "none", input="q\n")
+    assert result.exit_code == 0 and "interview date cleared" in result.stderr
+    assert Store().get("interview_date") is None

@@ -147,6 +147,10 @@ class Store:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def unset(self, key: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     # --- cards and reviews ----------------------------------------------------------------------
 
     def card(self, item_id: str) -> Card | None:
