@@ -54,9 +54,9 @@ def read_only_folder(path: Path):
 
 
 def no_work(monkeypatch):
-    """Fail the test if an audit starts: the output folder must be checked before any work."""
+    """Fail the test if an audit starts: bad input must be refused before any work."""
     def refuse(*a, **k):
-        raise AssertionError("an audit ran although the output folder is unusable")
+        raise AssertionError("an audit ran although its input or output folder is unusable")
     monkeypatch.setattr(llmaudit.runner, "run_audit", refuse)
     monkeypatch.setattr("llmaudit.cli.run.run_audit", refuse)
 
@@ -234,3 +234,86 @@ def test_interview_date_none_clears_the_saved_date(tmp_path, monkeypatch):
     result = invoke("quiz", "--day", "2", "-n", "1", "--interview-date", "none", input="q\n")
     assert result.exit_code == 0 and "interview date cleared" in result.stderr
     assert Store().get("interview_date") is None
+
+
+# --------------------------------------------------------------------------- 3. seeds and config values
+
+def numeric_fields(config_cls) -> list[str]:
+    import typing
+
+    from llmaudit.config import field_types
+
+    def numeric(tp) -> bool:
+        if tp is bool:
+            return False
+        if tp in (int, float):
+            return True
+        return any(numeric(a) for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis)
+    return [k for k, tp in field_types(config_cls).items() if numeric(tp)]
+
+
+def test_every_numeric_config_field_of_every_audit_declares_its_range():
+    from llmaudit.config import check_config, declared_ranges, in_range
+    from llmaudit.registry import all_audits
+
+    specs = all_audits()
+    assert len(specs) >= 17
+    for spec in specs:
+        cls = type(spec.make_config("toy"))
+        ranges = declared_ranges(cls)
+        missing = [k for k in numeric_fields(cls) if k not in ranges]
+        assert not missing, f"{spec.name}: {cls.__name__} declares no range for {missing}"
+        assert set(ranges) <= set(numeric_fields(cls)), f"{cls.__name__}: ranges of unknown fields"
+        for text in ranges.values():
+            in_range(1.0, text)  # well-formed (a malformed range raises)
+        for mode in ("toy", "full"):
+            check_config(spec.make_config(mode))  # the presets lie inside their own ranges
+
+
+@pytest.mark.parametrize("module, assignment, text", [
+    ("mdp", "max_iters=0", "max_iters=0 is out of range: MDPConfig.max_iters must be >= 1"),
+    ("ppo", "rollout_batch=0", "rollout_batch=0 is out of range: PPOConfig.rollout_batch must be >= 1"),
+    ("ppo", "lam=2", "lam=2.0 is out of range: PPOConfig.lam must be in [0, 1]"),
+    ("rlhf", "lam=-0.1", "lam=-0.1 is out of range: RLHFConfig.lam must be in [0, 1]"),
+    ("gae", "gamma=nan", "gamma=nan is out of range: GAEConfig.gamma must be in [0, 1)"),
+    ("dpo", "lr=inf", "lr=inf is out of range: DPOConfig.lr must be >= 0"),
+    ("dpo", "beta=0", "beta=0.0 is out of range: DPOConfig.beta must be > 0"),
+    ("gae", "critic_offset=inf", "GAEConfig.critic_offset must be a finite number"),
+])
+def test_out_of_range_config_values_are_exit_2_before_any_work(module, assignment, text, tmp_path, monkeypatch):
+    no_work(monkeypatch)
+    result = invoke("audit", module, "--toy", "--set", assignment, "--out", tmp_path)
+    assert_clean_error(result, 2, text)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_in_range_edge_values_are_accepted():
+    from llmaudit.config import apply_overrides
+    from llmaudit.registry import get_audit
+
+    cfg = apply_overrides(get_audit("ppo").make_config("toy"), {"lam": "1", "gamma": "0", "ent_coef": "0"})
+    assert (cfg.lam, cfg.gamma, cfg.ent_coef) == (1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
+    (["--seed", "99999999999999999999"], "--seed must be between 0 and 4294967295, got 99999999999999999999"),
+    (["--seed", "4294967295", "--seeds", "2"], "seeds 4294967295..4294967296 run past 4294967295"),
+])
+def test_bad_seeds_are_exit_2_before_any_work(args, text, tmp_path, monkeypatch):
+    no_work(monkeypatch)
+    assert_clean_error(invoke("audit", "mdp", "--toy", *args, "--out", tmp_path), 2, text)
+    assert_clean_error(invoke("sweep", "mdp", *args), 2, text)
+
+
+def test_bad_seed_of_check_is_exit_2(tmp_path):
+    stub = tmp_path / "my_gae.py"
+    assert invoke("practice", "compute_gae", "-o", stub).exit_code == 0
+    assert_clean_error(invoke("check", "compute_gae", stub, "--seed", "-1"), 2, "--seed must be between 0 and")
+
+
+def test_largest_seed_runs():
+    from llmaudit.runner import MAX_SEED, run_audit
+
+    rec = run_audit("gae", mode="toy", seeds=[MAX_SEED], only=["lambda_zero_is_td_error"])
+    assert rec.results[0].checks and rec.passed, rec.errors

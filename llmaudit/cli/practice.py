@@ -64,7 +64,7 @@ def check(
     kernel: Annotated[str, typer.Argument(help="Kernel name, e.g. compute_gae.")],
     file: Annotated[Path, typer.Argument(help="Your Python file defining a function with that name.")],
     full: Annotated[bool, typer.Option("--full/--toy", help="toy (default): one seed, fast; full: several seeds.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="First seed (0 to 2**32 - 1).")] = 0,
     json_mode: JsonOpt = False,
 ) -> None:
     """Audit YOUR implementation of a kernel with the checks that call it, each failure explained.
@@ -84,6 +84,7 @@ def check(
     with errors(json_mode):
         k = get_kernel(kernel)
         spec = get_audit(k.module)
+        seeds = resolve_seeds(mode, seed)
         try:
             fn = load_user_function(file, k)
             preflight(fn, k, file)
@@ -98,7 +99,7 @@ def check(
         spy = KernelSpy(fn, k)
         with progress_bar(json_mode) as bar:
             task = bar.add_task(f"{len(mine)} checks of {k.module} with your {k.name}", total=1.0)
-            rec = run_audit(k.module, mode=mode, seeds=resolve_seeds(mode, seed), kernels={k.name: spy},
+            rec = run_audit(k.module, mode=mode, seeds=seeds, kernels={k.name: spy},
                             kernel_sources={k.name: str(file)}, only=mine,
                             progress=lambda f: bar.update(task, completed=f))
     findings = spy.findings()

@@ -12,10 +12,10 @@ from rich.table import Table
 
 from llmaudit.cli.common import (DEFAULT_OUT, FAILED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark, out,
                                  progress_bar, say, writable_dir)
-from llmaudit.config import parse_assignments
+from llmaudit.config import apply_overrides, parse_assignments
 from llmaudit.record import RunRecord, find_records, latest_records
 from llmaudit.registry import all_audits, get_audit
-from llmaudit.runner import resolve_seeds, run_audit
+from llmaudit.runner import check_seeds, resolve_seeds, run_audit
 
 app = typer.Typer()
 
@@ -188,7 +188,7 @@ def record_payload(rec: RunRecord) -> dict:
 def audit(
     module: Annotated[str, typer.Argument(help="Module name, e.g. gae (see `llmaudit list`).")],
     full: Annotated[bool, typer.Option("--full/--toy", help="full: more steps, several seeds; toy: one seed, seconds.")] = True,
-    seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="First seed (0 to 2**32 - 1).")] = 0,
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: 3 full, 1 toy).")] = None,
     assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: key=value (repeatable).")] = None,
     only: Annotated[Optional[list[str]], typer.Option("--check", "-c", help="Run only this check and what it needs (repeatable).")] = None,
@@ -206,6 +206,7 @@ def audit(
     with errors(json_mode):
         spec = get_audit(module)
         overrides = parse_assignments(assignments or [])
+        apply_overrides(spec.make_config(mode), overrides)  # a bad value fails before any work
         seed_list = resolve_seeds(mode, seed, seeds)
         writable_dir(out_dir)
         with progress_bar(json_mode) as bar:
@@ -264,8 +265,8 @@ def sweep(
     modules: Annotated[Optional[list[str]], typer.Argument(help="Modules to sweep (default: all).")] = None,
     full: Annotated[bool, typer.Option("--full/--toy", help="toy (default) or full mode.")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: 20 toy, 5 full).")] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="First seed.")] = 0,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: the CPU count).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="First seed (0 to 2**32 - 1).")] = 0,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, help="Worker processes (0, the default: the CPU count).")] = 0,
     assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: key=value (repeatable).")] = None,
     save: Annotated[Optional[Path], typer.Option("--save", help="Also write the sweep as JSON to this file.")] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the sweep as Markdown to this file.")] = None,
@@ -302,7 +303,7 @@ def sweep(
             if path is not None:
                 writable_dir(path.parent, "--save/--markdown")
         n = seeds if seeds is not None else {"toy": 20, "full": 5}[mode]
-        seed_list = list(range(seed, seed + n))
+        seed_list = check_seeds(seed, n)
         workers = jobs or os.cpu_count() or 1
         with progress_bar(json_mode) as bar:
             task = bar.add_task(f"sweep {mode} · {len(specs)} modules × {n} seeds", total=len(specs) * n)
