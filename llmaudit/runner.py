@@ -112,8 +112,28 @@ def run_steps(spec: AuditSpec, ctx: Context, kernels: dict[str, Callable] | None
     steps: list[Step] = [*checks, *(spec.reports if only is None else ())]
     costs = {f: spec.fixtures[f].cost for f in _fixture_closure(spec, steps)}
     total = sum(costs.values()) + sum(s.cost for s in steps) or 1.0
-    done, fixtures = 0.0, {}
+    fixtures: dict[str, Any] = {}
     ctx.result.selected = None if only is None else [c.name for c in checks]
+    try:
+        _run_all(steps, spec, ctx, active, fixtures, costs, total)
+    except BaseException as exc:  # noqa: BLE001 - the engine itself failed, or Ctrl-C: say where it stopped
+        ran = len(ctx.result.checks)
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else describe_exception(exc)
+        ctx.result.stopped_after = ran
+        ctx.result.error = f"stopped after {ran} of {len(checks)} checks: {reason}"
+        for c in checks[ran:]:  # every check is in the record: the ones never reached fail as not run
+            ctx.result.checks.append(failed_check(c, ctx.config, f"not run: {ctx.result.error}"))
+        if isinstance(exc, KeyboardInterrupt):
+            raise RunInterrupted(f"{spec.name} (seed {ctx.seed}) stopped after {ran} of {len(checks)} checks") from None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an audit; the message says how far the run got."""
+
+
+def _run_all(steps: list[Step], spec: AuditSpec, ctx: Context, active: dict[str, Callable],
+             fixtures: dict[str, Any], costs: dict[str, float], total: float) -> None:
+    done = 0.0
     for step in steps:
         # a fixture is charged to the progress bar inside the first step that needs it
         step_cost = step.cost + sum(costs[f] for f in _fixture_closure(spec, [step]) if f not in fixtures)

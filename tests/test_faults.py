@@ -317,3 +317,63 @@ def test_largest_seed_runs():
 
     rec = run_audit("gae", mode="toy", seeds=[MAX_SEED], only=["lambda_zero_is_td_error"])
     assert rec.results[0].checks and rec.passed, rec.errors
+
+
+# --------------------------------------------------------------------------- 4. a run that stopped early
+
+CHEAP = ["matches_verl_test_vectors", "matches_cleanrl_dones_vector", "lambda_zero_is_td_error",
+         "returns_equal_advantages_plus_values"]
+
+
+def fail_at_check(monkeypatch, n: int, exc: BaseException) -> None:
+    """The runner itself raises ``exc`` when it reaches the ``n``-th check (an engine fault or Ctrl-C)."""
+    real, calls = llmaudit.runner._run_check, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(*a, **k)
+    monkeypatch.setattr(llmaudit.runner, "_run_check", flaky)
+
+
+def cheap_checks() -> list[str]:
+    return [a for name in CHEAP for a in ("--check", name)]
+
+
+def test_a_run_the_engine_stopped_says_stopped_after_k_of_n(tmp_path, monkeypatch):
+    import json
+
+    fail_at_check(monkeypatch, 3, RuntimeError("engine fault"))
+    result = invoke("audit", "gae", "--toy", *cheap_checks(), "--out", tmp_path)
+    text = " ".join(result.stdout.split())
+    assert result.exit_code == 1, result.output
+    assert "stopped after 2 of 4 checks" in text and "checks pass" not in text
+    assert "RuntimeError: engine fault" in text
+    record = json.loads(next((tmp_path / "runs" / "gae").glob("*.json")).read_text())
+    checks = record["results"][0]["checks"]
+    assert [c["name"] for c in checks] == CHEAP  # the unreached checks are in the record ...
+    assert [c["passed"] for c in checks] == [True, True, False, False]  # ... as failed, never a pass
+    assert checks[2]["error"].startswith("not run: stopped after 2 of 4 checks")
+    assert record["results"][0]["stopped_after"] == 2
+
+
+def test_json_of_a_stopped_run_carries_the_headline(tmp_path, monkeypatch):
+    import json
+
+    fail_at_check(monkeypatch, 2, RuntimeError("engine fault"))
+    result = invoke("audit", "gae", "--toy", *cheap_checks(), "--out", tmp_path, "--json")
+    doc = json.loads(result.stdout)
+    assert result.exit_code == 1 and doc["ok"] is False and doc["headline"] == "stopped after 1 of 4 checks"
+
+
+def test_an_interrupted_run_says_how_far_it_got(tmp_path, monkeypatch):
+    fail_at_check(monkeypatch, 2, KeyboardInterrupt())
+    result = invoke("audit", "gae", "--toy", *cheap_checks(), "--out", tmp_path)
+    assert_clean_error(result, 130, "interrupted: gae (seed 0) stopped after 1 of 4 checks")
+    assert "checks pass" not in result.stdout
+
+
+def test_a_complete_run_still_says_k_of_n_pass(tmp_path):
+    result = invoke("audit", "gae", "--toy", *cheap_checks(), "--out", tmp_path)
+    assert result.exit_code == 0 and "4/4 checks pass" in result.stdout

@@ -81,8 +81,8 @@ def errors(json_mode: bool = False) -> Iterator[None]:
     code, message = None, ""
     try:
         yield
-    except KeyboardInterrupt:
-        code, message = INTERRUPTED, "interrupted"
+    except KeyboardInterrupt as exc:
+        code, message = INTERRUPTED, f"interrupted: {exc}" if str(exc) else "interrupted"
     except (UnknownName, ConfigError, UsageError) as exc:
         code, message = USAGE, str(exc)
     except (EnvironmentProblem, RecordError, BrokenAudit) as exc:

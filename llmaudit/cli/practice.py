@@ -119,7 +119,9 @@ def check(
                         soft_wrap=True)
         if module_only:
             out().print(f"[dim]module checks, not about your code (not run): {', '.join(module_only)}[/]", soft_wrap=True)
-        if rec.passed:
+        if any(r.stopped_after is not None for r in rec.results):
+            out().print(f"\n[bold red]the audit {rec.headline}[/] that call your {k.name}; see the error above.")
+        elif rec.passed:
             out().print(f"[bold green]your {k.name} passes all {len(rec.checks)} checks that call it[/]")
         else:
             n_fail = len(rec.checks) - rec.n_passed

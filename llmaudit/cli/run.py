@@ -181,7 +181,8 @@ def record_payload(rec: RunRecord) -> dict:
     return {"ok": rec.passed, "module": rec.module, "mode": rec.mode, "seeds": rec.seeds,
             "selected": rec.results[0].selected if rec.results else None,
             "checks": [c.to_dict() for c in rec.checks], "scalars": rec.scalars(),
-            "errors": [{"seed": s, "error": e} for s, e in rec.errors], "elapsed_s": rec.elapsed_s}
+            "errors": [{"seed": s, "error": e} for s, e in rec.errors], "elapsed_s": rec.elapsed_s,
+            "headline": rec.headline}
 
 
 @app.command()
@@ -221,7 +222,7 @@ def audit(
                     f" · {rec.elapsed_s:.1f} s")
         print_record(rec)
         colour = "green" if rec.passed else "red"
-        out().print(f"[bold {colour}]{rec.n_passed}/{len(rec.checks)} checks pass[/] · report: {paths['markdown']}"
+        out().print(f"[bold {colour}]{rec.headline}[/] · report: {paths['markdown']}"
                     f"  ({paths['html']})", soft_wrap=True)
     raise typer.Exit(OK if rec.passed else FAILED)
 
