@@ -377,3 +377,111 @@ def test_an_interrupted_run_says_how_far_it_got(tmp_path, monkeypatch):
 def test_a_complete_run_still_says_k_of_n_pass(tmp_path):
     result = invoke("audit", "gae", "--toy", *cheap_checks(), "--out", tmp_path)
     assert result.exit_code == 0 and "4/4 checks pass" in result.stdout
+
+
+# --------------------------------------------------------------------------- 5. check: time limit, exits, slowness
+
+GAE_HEAD = "import torch\n\ndef compute_gae(rewards, values, next_values, terminated, truncated, gamma, lam):\n"
+GAE_REFERENCE_BODY = ("    from modules.gae.gae import compute_gae as reference\n"
+                      "    return reference(rewards, values, next_values, terminated, truncated, gamma, lam)\n")
+
+
+def kernel_file(tmp_path: Path, body: str, prefix: str = "") -> Path:
+    path = tmp_path / "my_compute_gae.py"
+    path.write_text(prefix + GAE_HEAD + body)
+    return path
+
+
+def run_cli(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The real command in its own process (so a hang cannot hang the test run)."""
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "llmaudit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_kernel_that_loops_forever_times_out(tmp_path):
+    import time
+
+    path = kernel_file(tmp_path, "    while True:\n        pass\n")
+    start = time.monotonic()
+    result = run_cli("check", "compute_gae", path, "--timeout", "3")
+    wall = time.monotonic() - start
+    assert result.returncode == 1, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "time limit 3 s" in text  # said from the start
+    assert "your compute_gae timed out after 3 s on its first call" in text and "--timeout" in text
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert wall < 60, wall  # 3 s of the user's code plus loading the engine, even on a loaded machine
+
+
+def test_a_kernel_that_hangs_mid_audit_times_out_with_progress(tmp_path):
+    # correct on the docstring's example, endless on the audit's larger batches
+    body = "    if rewards.shape[0] > 5:\n        while True:\n            pass\n" + GAE_REFERENCE_BODY
+    result = invoke("check", "compute_gae", kernel_file(tmp_path, body), "--timeout", "3", "--json")
+    assert result.exit_code == 1
+    import json
+
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["status"] == "timeout" and "timed out after 3 s with" in doc["error"]
+
+
+@pytest.mark.parametrize("call, said", [
+    ("sys.exit(0)", "called sys.exit(0)"),
+    ("sys.exit()", "called sys.exit()"),
+    ("raise KeyboardInterrupt", "raised KeyboardInterrupt"),
+])
+def test_a_kernel_that_ends_the_program_fails_the_file(call, said, tmp_path):
+    path = kernel_file(tmp_path, f"    {call}\n", prefix="import sys\n")
+    result = invoke("check", "compute_gae", path)
+    assert_clean_error(result, 1, f"`compute_gae` in {path} {said}", "counts as a failure of your file")
+
+
+def test_a_kernel_that_exits_mid_audit_fails_its_checks(tmp_path):
+    body = "    if rewards.shape[0] > 5:\n        sys.exit(0)\n" + GAE_REFERENCE_BODY
+    result = invoke("check", "compute_gae", kernel_file(tmp_path, body, prefix="import sys\n"))
+    assert result.exit_code == 1
+    text = " ".join(result.stdout.split())
+    assert "your compute_gae called sys.exit(0): a kernel returns its result" in text
+    assert "tried to end the program (sys.exit or KeyboardInterrupt) on" in text
+
+
+def test_a_file_that_exits_at_import_or_kills_its_process_fails(tmp_path):
+    path = tmp_path / "exits.py"
+    path.write_text("import sys\nsys.exit(3)\n")
+    assert_clean_error(invoke("check", "compute_gae", path), 1, "called sys.exit(3) while being imported")
+    killed = kernel_file(tmp_path, "    import os\n    os._exit(0)\n")
+    assert_clean_error(invoke("check", "compute_gae", killed), 1, "ended without a result (exit code 0)",
+                       "counts as a failure of your file")
+
+
+def test_a_slow_kernel_is_called_slow(tmp_path):
+    body = "    import time\n    time.sleep(0.05)\n" + GAE_REFERENCE_BODY
+    result = invoke("check", "compute_gae", kernel_file(tmp_path, body))
+    assert result.exit_code == 0, result.output  # slow but correct: it passes
+    notes = " ".join((result.stderr + result.stdout).split())
+    assert "your function is slow:" in notes and "ms per call on the small example" in notes
+    assert "ms per call on average over the audit's" in notes
+
+
+def test_a_fast_kernel_is_not_called_slow(tmp_path):
+    result = invoke("check", "compute_gae", kernel_file(tmp_path, GAE_REFERENCE_BODY))
+    assert result.exit_code == 0 and "slow" not in result.stdout + result.stderr
+
+
+def test_quiz_code_items_check_the_file_in_a_child_process_too(tmp_path):
+    from llmaudit.learn.quiz import Session
+
+    shown: list[str] = []
+
+    class Quiet:
+        def show(self, text):
+            shown.append(text)
+    exits = kernel_file(tmp_path, "    raise SystemExit(0)\n")
+    assert Session.check_file(Quiet(), "compute_gae", str(exits)) is False
+    assert "called sys.exit(0)" in " ".join(shown)
+    shown.clear()
+    good = kernel_file(tmp_path, GAE_REFERENCE_BODY)
+    assert Session.check_file(Quiet(), "compute_gae", str(good)) is True
+    assert "17/17 checks pass ✓" in shown[-1]
