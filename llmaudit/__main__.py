@@ -1,3 +1,4 @@
 from llmaudit.cli import main
 
-main()
+if __name__ == "__main__":  # not in a multiprocessing child that re-imports the parent's main module
+    main()

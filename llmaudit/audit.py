@@ -418,6 +418,7 @@ class AuditResult:
     timed: list[str] = field(default_factory=list)  # scalars/checks whose values are clock measurements
     tables: dict[str, dict[str, list]] = field(default_factory=dict)  # name -> {"columns": [...], "rows": [[...]]}
     selected: list[str] | None = None  # the checks asked for, when not the whole audit
+    stopped_after: int | None = None  # checks that ran before an exception outside every check stopped the run
 
     @property
     def passed(self) -> bool:
@@ -438,6 +439,7 @@ class AuditResult:
         return {"module": self.module, "seed": self.seed, "mode": self.mode, "passed": self.passed,
                 "error": self.error, "checks": [c.to_dict() for c in self.checks],
                 "scalars": dict(self.scalars), "timed": list(self.timed), "selected": self.selected,
+                "stopped_after": self.stopped_after,
                 "series": {k: s.to_dict() for k, s in self.series.items()},
                 "tables": {k: {"columns": list(t["columns"]), "rows": [list(r) for r in t["rows"]]}
                            for k, t in self.tables.items()}}
@@ -459,7 +461,7 @@ class AuditResult:
                    scalars=dict(d.get("scalars", {})), error=d.get("error"), timed=list(d.get("timed", [])),
                    tables={k: {"columns": list(t["columns"]), "rows": [list(r) for r in t["rows"]]}
                            for k, t in d.get("tables", {}).items()},
-                   selected=d.get("selected"))
+                   selected=d.get("selected"), stopped_after=d.get("stopped_after"))
 
 
 def stable_seed(seed: int, name: str) -> int:

@@ -1,12 +1,18 @@
 """Module configs: ``--set key=value`` overrides parsed by the dataclass field's type.
 
 Every module has a dataclass config with ``toy()`` and ``full()`` presets. Overrides are validated
-here so that a typo is an error naming the valid keys, never a silently ignored flag.
+here so that a typo is an error naming the valid keys, never a silently ignored flag, and a value
+outside the field's declared range is an error naming the field, the value and the range.
+
+Ranges are declared next to the fields, as a ``RANGES`` class attribute mapping each numeric field to
+``">= 1"``, ``"> 0"``, ``"[0, 1]"``, ``"[0, 1)"``, ``"(-inf, inf)"`` (any finite number) and the like.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -99,6 +105,57 @@ def parse_value(raw: str, tp: Any, key: str = "value") -> Any:
     raise ConfigError(f"{key}: fields of type {type_name(tp)} cannot be set from the command line")
 
 
+_BOUND = r"\s*([-+]?(?:inf|\d+(?:\.\d*)?(?:e[-+]?\d+)?))\s*"
+_INTERVAL = re.compile(rf"^([\[(]){_BOUND},{_BOUND}([\])])$", re.I)
+_HALF_LINE = re.compile(rf"^(>=|>|<=|<){_BOUND}$", re.I)
+
+
+def declared_ranges(config_cls: type) -> dict[str, str]:
+    """Every ``RANGES`` entry of ``config_cls`` and its bases (a subclass may add or narrow)."""
+    out: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        out.update(vars(klass).get("RANGES", {}))
+    return out
+
+
+def in_range(value: float, text: str) -> bool:
+    """Whether a finite ``value`` lies in the range ``text`` (a ValueError if ``text`` is malformed)."""
+    if not math.isfinite(value):
+        return False
+    interval, half = _INTERVAL.match(text.strip()), _HALF_LINE.match(text.strip())
+    if interval:
+        left, low, high, right = interval.groups()
+        low, high = float(low), float(high)
+        return (low <= value if left == "[" else low < value) and (value <= high if right == "]" else value < high)
+    if half:
+        op, bound = half.group(1), float(half.group(2))
+        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
+    raise ValueError(f"malformed range {text!r}: expected '>= 1', '> 0', '[0, 1)' or the like")
+
+
+def range_text(text: str) -> str:
+    text = text.strip()
+    if text == "(-inf, inf)":
+        return "a finite number"
+    return f"in {text}" if text[0] in "[(" else text
+
+
+def check_range(config_cls: type, key: str, value: Any) -> None:
+    """ConfigError unless ``value`` (a number, or each number of a tuple) is in ``key``'s declared range."""
+    text = declared_ranges(config_cls).get(key)
+    if text is None or isinstance(value, bool) or value is None:
+        return
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, (int, float)) and not in_range(v, text):
+            raise ConfigError(f"{key}={v!r} is out of range: {config_cls.__name__}.{key} must be {range_text(text)}")
+
+
+def check_config(config: Any) -> None:
+    """ConfigError for the first field of ``config`` outside its declared range."""
+    for key in field_types(type(config)):
+        check_range(type(config), key, getattr(config, key))
+
+
 def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
     """A copy of ``config`` with ``overrides`` applied; unknown keys and bad values raise ConfigError."""
     types_ = field_types(type(config))
@@ -111,6 +168,7 @@ def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
             raise ConfigError(f"unknown config key {key!r} for {type(config).__name__}.{hint} "
                               f"Valid keys: {valid}")
         parsed[key] = parse_value(raw, types_[key], key)
+        check_range(type(config), key, parsed[key])  # before the config's own __post_init__ sees it
     try:
         return dataclasses.replace(config, **parsed)
     except (ValueError, TypeError) as exc:  # the config's own __post_init__ validation

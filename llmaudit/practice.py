@@ -11,6 +11,7 @@ import inspect
 import sys
 import traceback
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +33,17 @@ def _exc_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
+def _exit_text(exc: BaseException) -> str:
+    """'called sys.exit(0)' or 'raised KeyboardInterrupt': how user code tried to end the program."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    return f"raised {type(exc).__name__}"
+
+
+class UserCodeExited(RuntimeError):
+    """The user's function called sys.exit or raised KeyboardInterrupt; a failure of their file."""
+
+
 def load_user_function(path: Path, kernel: Kernel) -> Callable:
     """Import ``path`` as a fresh module and return its function named like ``kernel``."""
     path = Path(path)
@@ -51,6 +63,9 @@ def load_user_function(path: Path, kernel: Kernel) -> Callable:
     except Exception as exc:  # noqa: BLE001 - anything the user's module raises at import time
         raise KernelFileError(f"{path} raised while being imported: {_exc_text(exc)}{_user_frame(exc, path)}. "
                               "Code at module level runs on import; keep it inside the function.") from None
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise KernelFileError(f"{path} {_exit_text(exc)} while being imported{_user_frame(exc, path)}: code at "
+                              "module level must not end the program. This counts as a failure of your file.") from None
     finally:
         sys.modules.pop(name, None)
     fn = getattr(module, kernel.name, None)
@@ -96,11 +111,22 @@ def _same_structure(mine: Any, ref: Any) -> bool:
     return True
 
 
-def preflight(fn: Callable, kernel: Kernel, path: Path) -> None:
-    """Call the user's function on the kernel's small example; compare the output's structure and shapes."""
+def preflight(fn: Callable, kernel: Kernel, path: Path) -> tuple[float, float]:
+    """Call the user's function on the kernel's small example; compare the output's structure and shapes.
+    Returns the seconds one call took: (the user's, the reference's)."""
+    import time
+
+    kernel.fn(**kernel.example())  # warm-up: the first call of anything pays for lazy initialisation
+    start = time.perf_counter()
     ref = kernel.fn(**kernel.example())
+    ref_s = time.perf_counter() - start
+    start = time.perf_counter()
     try:
         mine = fn(**kernel.example())
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise KernelFileError(f"`{kernel.name}` in {path} {_exit_text(exc)}{_user_frame(exc, path)} when called "
+                              "with the example input. A kernel returns its result and never ends the program; "
+                              "this counts as a failure of your file.") from None
     except NotImplementedError:
         raise KernelFileError(f"`{kernel.name}` in {path} still raises NotImplementedError: replace the "
                               "`raise NotImplementedError` line of the stub with your implementation.") from None
@@ -108,10 +134,12 @@ def preflight(fn: Callable, kernel: Kernel, path: Path) -> None:
         args = ", ".join(f"{k}={describe_structure(v)}" for k, v in kernel.example().items())
         raise KernelFileError(f"`{kernel.name}` in {path} raised {_exc_text(exc)}{_user_frame(exc, path)} when "
                               f"called with {args}. Check the shapes in the docstring.") from None
+    mine_s = time.perf_counter() - start
     if not _same_structure(mine, ref):
         raise KernelFileError(f"`{kernel.name}` in {path} returned {describe_structure(mine)}, but the audit "
                               f"expects {describe_structure(ref)} for the example input. Check the shapes and "
                               "what the docstring says to return.")
+    return mine_s, ref_s
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +175,7 @@ class KernelSpy:
 
     def __init__(self, fn: Callable, kernel: Kernel):
         self.fn, self.kernel = fn, kernel
-        self.calls = self.nan_calls = self.inf_calls = 0
+        self.calls = self.nan_calls = self.inf_calls = self.exits = 0
         self.seconds = 0.0
         self.__name__ = kernel.name
         self.__wrapped__ = fn
@@ -158,6 +186,10 @@ class KernelSpy:
         start = time.perf_counter()
         try:
             out = self.fn(*args, **kwargs)
+        except (SystemExit, KeyboardInterrupt) as exc:  # the user's code, not Ctrl-C: the child ignores SIGINT
+            self.exits += 1
+            raise UserCodeExited(f"your {self.kernel.name} {_exit_text(exc)}: a kernel returns its result and "
+                                 "never ends the program") from None
         finally:
             self.seconds += time.perf_counter() - start
             self.calls += 1
@@ -174,6 +206,9 @@ class KernelSpy:
         if self.nan_calls:
             said.append(f"your {self.kernel.name} returned NaN on {self.nan_calls} of {self.calls} calls whose "
                         "inputs had no NaN (log of 0, 0/0, a std of one element, exp overflow?)")
+        if self.exits:
+            said.append(f"your {self.kernel.name} tried to end the program (sys.exit or KeyboardInterrupt) on "
+                        f"{self.exits} of {self.calls} calls; each such call failed its check")
         if self.inf_calls:
             said.append(f"your {self.kernel.name} returned inf on {self.inf_calls} of {self.calls} calls whose "
                         "inputs were finite (division by zero, exp overflow?)")
@@ -181,7 +216,7 @@ class KernelSpy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "nan_calls": self.nan_calls, "inf_calls": self.inf_calls,
-                "seconds": round(self.seconds, 4)}
+                "exits": self.exits, "seconds": round(self.seconds, 4)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,3 +278,150 @@ def degenerate(kernel: Kernel, how: str) -> Callable:
 
     broken.__name__ = kernel.name
     return broken
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the user's code in a child process, under a time limit
+
+DEFAULT_TIMEOUT_S = 120.0  # a toy `check` takes seconds with a correct kernel, a full one well under a minute
+STARTUP_TIMEOUT_S = 300.0  # importing torch and the audits in the child, before the time limit starts
+SLOW_MS, SLOW_FACTOR = 10.0, 10.0  # "slow": at least 10 ms per call and 10x the reference on the same input
+
+
+def slow_note(kernel_name: str, per_call_s: float, ref_s: float | None, where: str) -> str | None:
+    """'your function is slow: N ms per call ...' when it is, else None."""
+    ms = 1000 * per_call_s
+    if ms < SLOW_MS or (ref_s and per_call_s < SLOW_FACTOR * ref_s):
+        return None
+    ref = f" (the reference: {1000 * ref_s:.2f} ms)" if ref_s else ""
+    return (f"your function is slow: {ms:.0f} ms per call {where}{ref}; the checks call {kernel_name} many "
+            "times, so they take longer (a Python loop over elements? tensor operations are much faster)")
+
+
+@dataclass
+class CheckOutcome:
+    """How a check run in the child process ended: "done" (record, findings, calls), "file_error",
+    "timeout", "crashed", "usage" or "environment" (message). ``info`` names the module and the checks
+    that call the kernel (``mine``) or not (``other_kernels``, ``module_only``)."""
+
+    status: str
+    message: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    record: Any = None
+    findings: list[str] = field(default_factory=list)
+    calls: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_in_child(conn, kernel_name: str, path: str, mode: str, seeds: list[int]) -> None:
+    """The child: load and pre-flight the user's file, run the checks, send events and the outcome."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent; a KeyboardInterrupt here is user code
+    os.dup2(2, 1)  # what the user's code prints goes to stderr: stdout carries only the parent's results
+    try:
+        _check_steps(conn, kernel_name, path, mode, seeds)
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent in one paragraph
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def _check_steps(conn, kernel_name: str, path: str, mode: str, seeds: list[int]) -> None:
+    from llmaudit.registry import BrokenAudit, UnknownName, get_audit, get_kernel
+    from llmaudit.runner import configure_torch, run_audit
+
+    try:
+        k = get_kernel(kernel_name)
+        spec = get_audit(k.module)
+    except UnknownName as exc:
+        conn.send(("usage", str(exc)))
+        return
+    except BrokenAudit as exc:
+        conn.send(("environment", str(exc)))
+        return
+    configure_torch()
+    mine = [c.name for c in spec.checks_of_kernel(k.name, mode)]
+    conn.send(("started", {"module": k.module, "mine": mine,
+                           "other_kernels": [c.name for c in spec.checks_for(mode) if c.name not in mine and c.kernels],
+                           "module_only": [c.name for c in spec.checks_for(mode) if not c.kernels]}))
+    try:
+        fn = load_user_function(Path(path), k)
+        mine_s, ref_s = preflight(fn, k, Path(path))
+    except KernelFileError as exc:
+        conn.send(("file_error", str(exc)))
+        return
+    note = slow_note(k.name, mine_s, ref_s, "on the small example")
+    if note:
+        conn.send(("slow", note))
+    spy = KernelSpy(fn, k)
+    rec = run_audit(k.module, mode=mode, seeds=seeds, kernels={k.name: spy}, kernel_sources={k.name: path},
+                    only=mine, progress=lambda f: conn.send(("progress", f)))
+    note = slow_note(k.name, spy.seconds / spy.calls, None, f"on average over the audit's {spy.calls} calls") \
+        if spy.calls else None
+    conn.send(("done", rec, spy.findings() + ([note] if note else []), spy.to_dict()))
+
+
+def check_in_child(kernel_name: str, path: Path, mode: str, seeds: list[int], *,
+                   timeout_s: float = DEFAULT_TIMEOUT_S, on_event: Callable[[tuple], None] | None = None,
+                   startup_timeout_s: float = STARTUP_TIMEOUT_S) -> CheckOutcome:
+    """Run the user's kernel through the checks that call it in a child process, stopping it after
+    ``timeout_s`` seconds (counted once the child has loaded the engine and the audit). ``on_event``
+    receives ("started", info), ("progress", fraction) and ("slow", note) as they happen. Ctrl-C stops
+    the child and propagates."""
+    import multiprocessing
+    import time
+
+    # fork is cheap and safe while this process has not loaded torch (the CLI); once it has (tests, the
+    # quiz), a fresh interpreter avoids forking torch's thread pools
+    method = "fork" if "torch" not in sys.modules and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_check_in_child, args=(sender, kernel_name, str(path), mode, list(seeds)),
+                        daemon=True, name="llmaudit-check")
+    child.start()
+    sender.close()
+    deadline, progress, info = time.monotonic() + startup_timeout_s, 0.0, {}
+    try:
+        while True:
+            if receiver.poll(0.05):
+                try:
+                    event = receiver.recv()
+                except EOFError:  # the child ended without a result
+                    break
+                kind = event[0]
+                if kind == "started":
+                    deadline, info = time.monotonic() + timeout_s, event[1]
+                if kind == "progress":
+                    progress = event[1]
+                if kind in ("started", "progress", "slow") and on_event is not None:
+                    on_event(event)
+                elif kind in ("file_error", "usage", "environment"):
+                    return CheckOutcome(kind, event[1], info)
+                elif kind == "error":
+                    return CheckOutcome("crashed", f"checking your {kernel_name} stopped: {event[1]}", info)
+                elif kind == "done":
+                    return CheckOutcome("done", info=info, record=event[1], findings=event[2], calls=event[3])
+            elif not child.is_alive() and not receiver.poll():
+                break
+            if time.monotonic() > deadline:
+                if not info:
+                    return CheckOutcome("crashed", f"loading the {kernel_name} audit took over {startup_timeout_s:g} s;"
+                                                   " the machine is overloaded or the install is broken (llmaudit doctor)")
+                where = "on its first call (the small example input)" if progress == 0 else \
+                    f"with {progress:.0%} of the checks done"
+                return CheckOutcome("timeout", f"your {kernel_name} timed out after {timeout_s:g} s {where}: the "
+                                               "process running it was stopped. An endless loop? Try it on the "
+                                               "docstring's example first, or allow more time with --timeout.", info)
+        child.join(5)
+        return CheckOutcome("crashed", f"the process running your {kernel_name} from {path} ended without a result "
+                                       f"(exit code {child.exitcode}): your code ended it (os._exit, a signal) or "
+                                       "crashed Python. This counts as a failure of your file.", info)
+    finally:
+        receiver.close()
+        if child.is_alive():
+            child.terminate()
+            child.join(2)
+            if child.is_alive():
+                child.kill()
+                child.join(2)

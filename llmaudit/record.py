@@ -163,6 +163,16 @@ class RunRecord:
         return sum(c.passed for c in self.checks)
 
     @property
+    def headline(self) -> str:
+        """"k/n checks pass", or "stopped after k of n checks" when a seed's run stopped early (its
+        unreached checks are in the record as failed, so k/n never claims a complete pass)."""
+        for r in self.results:
+            if r.stopped_after is not None:
+                seed = f" on seed {r.seed}" if len(self.results) > 1 else ""
+                return f"stopped after {r.stopped_after} of {len(r.checks)} checks{seed}"
+        return f"{self.n_passed}/{len(self.checks)} checks pass"
+
+    @property
     def created(self) -> str:
         return self.timing.get("created", "")
 

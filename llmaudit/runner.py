@@ -9,11 +9,12 @@ from typing import Any, Callable
 
 from llmaudit.audit import (AuditResult, AuditSpec, Check, CheckSpec, Context, Step, evaluate, failed_check,
                             stable_seed)
-from llmaudit.config import apply_overrides, config_to_dict
+from llmaudit.config import ConfigError, apply_overrides, config_to_dict
 from llmaudit.record import RunRecord, now_utc
 from llmaudit.registry import UnknownName, get_audit
 
 DEFAULT_SEEDS = {"toy": 1, "full": 3}  # full mode: closed loops must hold on several seeds
+MAX_SEED = 2**32 - 1  # numpy's legacy seed and gymnasium's reset need 0 <= seed < 2**32
 
 
 def seed_everything(seed: int) -> None:
@@ -111,8 +112,28 @@ def run_steps(spec: AuditSpec, ctx: Context, kernels: dict[str, Callable] | None
     steps: list[Step] = [*checks, *(spec.reports if only is None else ())]
     costs = {f: spec.fixtures[f].cost for f in _fixture_closure(spec, steps)}
     total = sum(costs.values()) + sum(s.cost for s in steps) or 1.0
-    done, fixtures = 0.0, {}
+    fixtures: dict[str, Any] = {}
     ctx.result.selected = None if only is None else [c.name for c in checks]
+    try:
+        _run_all(steps, spec, ctx, active, fixtures, costs, total)
+    except BaseException as exc:  # noqa: BLE001 - the engine itself failed, or Ctrl-C: say where it stopped
+        ran = len(ctx.result.checks)
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else describe_exception(exc)
+        ctx.result.stopped_after = ran
+        ctx.result.error = f"stopped after {ran} of {len(checks)} checks: {reason}"
+        for c in checks[ran:]:  # every check is in the record: the ones never reached fail as not run
+            ctx.result.checks.append(failed_check(c, ctx.config, f"not run: {ctx.result.error}"))
+        if isinstance(exc, KeyboardInterrupt):
+            raise RunInterrupted(f"{spec.name} (seed {ctx.seed}) stopped after {ran} of {len(checks)} checks") from None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an audit; the message says how far the run got."""
+
+
+def _run_all(steps: list[Step], spec: AuditSpec, ctx: Context, active: dict[str, Callable],
+             fixtures: dict[str, Any], costs: dict[str, float], total: float) -> None:
+    done = 0.0
     for step in steps:
         # a fixture is charged to the progress bar inside the first step that needs it
         step_cost = step.cost + sum(costs[f] for f in _fixture_closure(spec, [step]) if f not in fixtures)
@@ -165,11 +186,20 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
 
 
-def resolve_seeds(mode: str, seed: int = 0, n_seeds: int | None = None) -> list[int]:
-    n = DEFAULT_SEEDS[mode] if n_seeds is None else n_seeds
+def check_seeds(seed: int, n: int) -> list[int]:
+    """``[seed, seed + n)``, or a ConfigError (a usage error) when a seed falls outside 0..MAX_SEED."""
     if n < 1:
-        raise ValueError(f"--seeds must be at least 1, got {n}")
+        raise ConfigError(f"--seeds must be at least 1, got {n}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    if seed + n - 1 > MAX_SEED:
+        raise ConfigError(f"--seed {seed} with --seeds {n}: seeds {seed}..{seed + n - 1} run past {MAX_SEED}, "
+                          "the largest seed numpy and gymnasium accept")
     return list(range(seed, seed + n))
+
+
+def resolve_seeds(mode: str, seed: int = 0, n_seeds: int | None = None) -> list[int]:
+    return check_seeds(seed, DEFAULT_SEEDS[mode] if n_seeds is None else n_seeds)
 
 
 def run_audit(module: str | AuditSpec, *, mode: str = "toy", seeds: list[int] | None = None,
@@ -187,6 +217,8 @@ def run_audit(module: str | AuditSpec, *, mode: str = "toy", seeds: list[int] | 
     if only is not None:
         select_checks(spec, mode, only)  # unknown names fail before any work
     seeds = seeds if seeds is not None else resolve_seeds(mode)
+    for seed in seeds:
+        check_seeds(seed, 1)
     config = apply_overrides(spec.make_config(mode), overrides or {})
     configure_torch()
     created = now_utc()

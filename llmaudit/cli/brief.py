@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from llmaudit.cli.common import (DEFAULT_OUT, EnvironmentProblem, JsonOpt, UsageError, emit_json, err, errors, out)
+from llmaudit.cli.common import (DEFAULT_OUT, EnvironmentProblem, JsonOpt, UsageError, emit_json, err, errors, out,
+                                 writable_dir)
 from llmaudit.cli.doctor import APT_FONT, cjk_fonts
 from llmaudit.cli.learn import LangOpt, resolve_lang
 
@@ -85,10 +86,11 @@ def brief(
             selection = briefs.select(c, module=module, day=day)
         except briefs.BriefError as exc:
             raise UsageError(str(exc)) from None
+        path = out_path or briefs.default_path(reports, selection, lang, fmt.value)
+        writable_dir(path.parent, "--out" if out_path else "--reports")
         latest, warnings = latest_records(reports / "runs")
         records = {m: rec for m, (_, rec) in latest.items()}
         ctx = briefs.build_context(c, selection, lang, records)
-        path = out_path or briefs.default_path(reports, selection, lang, fmt.value)
         if fmt is Format.pdf and (lang == "zh" or briefs.has_cjk(briefs.render_html(ctx))):
             _require_cjk_font()
         written = briefs.write(ctx, fmt.value, path)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Iterator
 
@@ -52,14 +54,35 @@ class EnvironmentProblem(Exception):
     """Something missing from the machine (exit 3); the message carries the fix command."""
 
 
+def writable_dir(path: Path, option: str = "--out") -> Path:
+    """Create ``path`` if needed and prove that a file can be written in it (create and delete one),
+    before any work is done, so an unusable output folder is exit 3 up front, not a lost result."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".llmaudit-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or (path.exists() and not path.is_dir()):
+            reason = "it is a file, not a folder"
+        elif isinstance(exc, NotADirectoryError):
+            reason = "a part of the path is a file, not a folder"
+        else:
+            reason = exc.strerror or type(exc).__name__
+        raise EnvironmentProblem(f"cannot write to the output folder {path} ({reason}), so nothing was done. Choose a "
+                                 f"folder you can write with {option} DIR, or fix its permissions.") from None
+    return path
+
+
 @contextlib.contextmanager
 def errors(json_mode: bool = False) -> Iterator[None]:
     """Turn the engine's known exceptions into one-paragraph messages and exit codes, never tracebacks."""
     code, message = None, ""
     try:
         yield
-    except KeyboardInterrupt:
-        code, message = INTERRUPTED, "interrupted"
+    except KeyboardInterrupt as exc:
+        code, message = INTERRUPTED, f"interrupted: {exc}" if str(exc) else "interrupted"
     except (UnknownName, ConfigError, UsageError) as exc:
         code, message = USAGE, str(exc)
     except (EnvironmentProblem, RecordError, BrokenAudit) as exc:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmaudit.cli.common import (DEFAULT_OUT, INTERRUPTED, EnvironmentProblem, JsonOpt, OutOpt, UsageError, emit_json,
-                                 err, errors, out)
+                                 err, errors, out, writable_dir)
 
 app = typer.Typer()
 
@@ -45,17 +45,30 @@ def _open():
 
 
 def _days_left(interview_date: str | None, store) -> int | None:
-    """Days until the interview (caps fsrs intervals); remembered in the progress store."""
-    if interview_date is not None:
+    """Days until the interview (caps fsrs intervals); remembered in the progress store. ``none``
+    clears it; a date in the past is refused, and a saved one that has passed caps nothing (warned)."""
+    today = datetime.now().astimezone().date()
+    if interview_date is not None and interview_date.strip().lower() in ("none", "clear", ""):
+        store.unset("interview_date")
+        err().print("interview date cleared: intervals are no longer capped")
+    elif interview_date is not None:
         try:
             when = date.fromisoformat(interview_date)
         except ValueError:
-            raise UsageError(f"--interview-date must be YYYY-MM-DD, got {interview_date!r}") from None
+            raise UsageError(f"--interview-date must be YYYY-MM-DD (or none to clear it), got {interview_date!r}") from None
+        if when < today:
+            raise UsageError(f"--interview-date {when.isoformat()} is in the past (today is {today.isoformat()}). "
+                             "Give the date of your next interview, or --interview-date none to clear it.")
         store.set("interview_date", when.isoformat())
     saved = store.get("interview_date")
     if saved is None:
         return None
-    left = (date.fromisoformat(saved) - datetime.now().astimezone().date()).days
+    left = (date.fromisoformat(saved) - today).days
+    if left < 0:
+        err().print(f"[yellow]warning:[/] the saved interview date {saved} has passed (today is {today.isoformat()}), "
+                    "so intervals are not capped. Set the next one with --interview-date YYYY-MM-DD, or clear it "
+                    "with --interview-date none.", soft_wrap=True)
+        return None
     return max(1, left)
 
 
@@ -109,7 +122,7 @@ def quiz(
     lang: LangOpt = None,
     count: Annotated[int, typer.Option("--count", "-n", min=1, help="How many items at most.")] = 10,
     cram: Annotated[bool, typer.Option("--cram", help="Review without rescheduling (the night before).")] = False,
-    interview_date: Annotated[Optional[str], typer.Option("--interview-date", help="YYYY-MM-DD: caps intervals at the days left (remembered).")] = None,
+    interview_date: Annotated[Optional[str], typer.Option("--interview-date", help="YYYY-MM-DD: caps intervals at the days left (remembered); none clears it.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for numeric parameters and choice order.")] = None,
     json_mode: JsonOpt = False,
 ) -> None:
@@ -181,6 +194,7 @@ def progress(lang: LangOpt = None, out_dir: OutOpt = DEFAULT_OUT, json_mode: Jso
 
     with errors(json_mode):
         l = resolve_lang(lang)
+        writable_dir(out_dir)
         c, store = _open()
         try:
             p = compute(c, store, utc_now(), l)

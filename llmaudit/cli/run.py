@@ -11,11 +11,11 @@ from rich.padding import Padding
 from rich.table import Table
 
 from llmaudit.cli.common import (DEFAULT_OUT, FAILED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark, out,
-                                 progress_bar, say)
-from llmaudit.config import parse_assignments
+                                 progress_bar, say, writable_dir)
+from llmaudit.config import apply_overrides, parse_assignments
 from llmaudit.record import RunRecord, find_records, latest_records
 from llmaudit.registry import all_audits, get_audit
-from llmaudit.runner import resolve_seeds, run_audit
+from llmaudit.runner import check_seeds, resolve_seeds, run_audit
 
 app = typer.Typer()
 
@@ -79,6 +79,7 @@ def smoke(
     """
     start = time.perf_counter()
     with errors(json_mode):
+        writable_dir(out_dir)
         specs = [get_audit(m) for m in module] if module else all_audits()
         records: list[RunRecord] = []
         with progress_bar(json_mode) as bar:
@@ -180,14 +181,15 @@ def record_payload(rec: RunRecord) -> dict:
     return {"ok": rec.passed, "module": rec.module, "mode": rec.mode, "seeds": rec.seeds,
             "selected": rec.results[0].selected if rec.results else None,
             "checks": [c.to_dict() for c in rec.checks], "scalars": rec.scalars(),
-            "errors": [{"seed": s, "error": e} for s, e in rec.errors], "elapsed_s": rec.elapsed_s}
+            "errors": [{"seed": s, "error": e} for s, e in rec.errors], "elapsed_s": rec.elapsed_s,
+            "headline": rec.headline}
 
 
 @app.command()
 def audit(
     module: Annotated[str, typer.Argument(help="Module name, e.g. gae (see `llmaudit list`).")],
     full: Annotated[bool, typer.Option("--full/--toy", help="full: more steps, several seeds; toy: one seed, seconds.")] = True,
-    seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="First seed (0 to 2**32 - 1).")] = 0,
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: 3 full, 1 toy).")] = None,
     assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: key=value (repeatable).")] = None,
     only: Annotated[Optional[list[str]], typer.Option("--check", "-c", help="Run only this check and what it needs (repeatable).")] = None,
@@ -205,7 +207,9 @@ def audit(
     with errors(json_mode):
         spec = get_audit(module)
         overrides = parse_assignments(assignments or [])
+        apply_overrides(spec.make_config(mode), overrides)  # a bad value fails before any work
         seed_list = resolve_seeds(mode, seed, seeds)
+        writable_dir(out_dir)
         with progress_bar(json_mode) as bar:
             task = bar.add_task(f"{spec.name} ({mode}, {len(seed_list)} seed{'s' * (len(seed_list) > 1)})", total=1.0)
             rec = run_audit(spec, mode=mode, seeds=seed_list, overrides=overrides, only=only or None,
@@ -218,7 +222,7 @@ def audit(
                     f" · {rec.elapsed_s:.1f} s")
         print_record(rec)
         colour = "green" if rec.passed else "red"
-        out().print(f"[bold {colour}]{rec.n_passed}/{len(rec.checks)} checks pass[/] · report: {paths['markdown']}"
+        out().print(f"[bold {colour}]{rec.headline}[/] · report: {paths['markdown']}"
                     f"  ({paths['html']})", soft_wrap=True)
     raise typer.Exit(OK if rec.passed else FAILED)
 
@@ -235,6 +239,7 @@ def report(out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> None:
     from llmaudit.report.render import render_index, render_run
 
     with errors(json_mode):
+        writable_dir(out_dir)
         paths = find_records(out_dir / "runs")
         pages, warnings = [], []
         with progress_bar(json_mode) as bar:
@@ -261,8 +266,8 @@ def sweep(
     modules: Annotated[Optional[list[str]], typer.Argument(help="Modules to sweep (default: all).")] = None,
     full: Annotated[bool, typer.Option("--full/--toy", help="toy (default) or full mode.")] = False,
     seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: 20 toy, 5 full).")] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="First seed.")] = 0,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes (default: the CPU count).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="First seed (0 to 2**32 - 1).")] = 0,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, help="Worker processes (0, the default: the CPU count).")] = 0,
     assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config field: key=value (repeatable).")] = None,
     save: Annotated[Optional[Path], typer.Option("--save", help="Also write the sweep as JSON to this file.")] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the sweep as Markdown to this file.")] = None,
@@ -295,8 +300,11 @@ def sweep(
             from llmaudit.config import apply_overrides
 
             apply_overrides(specs[0].make_config(mode), overrides)  # a bad value fails before any work
+        for path in (save, markdown):
+            if path is not None:
+                writable_dir(path.parent, "--save/--markdown")
         n = seeds if seeds is not None else {"toy": 20, "full": 5}[mode]
-        seed_list = list(range(seed, seed + n))
+        seed_list = check_seeds(seed, n)
         workers = jobs or os.cpu_count() or 1
         with progress_bar(json_mode) as bar:
             task = bar.add_task(f"sweep {mode} · {len(specs)} modules × {n} seeds", total=len(specs) * n)

@@ -220,22 +220,18 @@ class Session:
             self.show("[yellow]type 1, 2, 3 or 4 (Hard still counts as remembered; use 1 Again if you forgot)[/]")
 
     def check_file(self, kernel_name: str, path: str) -> bool:
+        """`llmaudit check` on the user's file, in a child process under the default time limit."""
         from pathlib import Path
 
-        from llmaudit.practice import KernelFileError, load_user_function, preflight
-        from llmaudit.registry import get_kernel
-        from llmaudit.runner import run_audit
+        from llmaudit.practice import check_in_child
 
-        k = get_kernel(kernel_name)
-        try:
-            fn = load_user_function(Path(path), k)
-            preflight(fn, k, Path(path))
-        except KernelFileError as exc:
-            self.show(f"[red]{escape(str(exc))}[/]")
+        outcome = check_in_child(kernel_name, Path(path), "toy", [0])
+        if outcome.status != "done":
+            self.show(f"[red]{escape(outcome.message)}[/]")
             return False
-        rec = run_audit(k.module, mode="toy", kernels={k.name: fn}, kernel_sources={k.name: path})
+        rec = outcome.record
         for c in rec.checks:
             if not c.passed:
                 self.show(f"[red]✗ {c.name}[/]: measured {escape(c.measured_text)}, expected {escape(c.expected)}")
-        self.show(f"{rec.n_passed}/{len(rec.checks)} checks pass" + (" ✓" if rec.passed else ""))
+        self.show(f"{rec.headline}" + (" ✓" if rec.passed else ""))
         return rec.passed

@@ -6,9 +6,11 @@ never touched.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sqlite3
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -70,12 +72,42 @@ CREATE INDEX IF NOT EXISTS reviews_item ON reviews(item_id);
 """
 
 
+def _where(folder: Path) -> str:
+    set_by = " (set by LLMAUDIT_HOME)" if os.environ.get("LLMAUDIT_HOME") else ""
+    return f"the progress folder {folder}{set_by}"
+
+
+def _write_problem(folder: Path, db: Path) -> str | None:
+    """Why nothing can be written in ``folder`` or to ``db`` (a real write probe: a temporary file is
+    created and deleted), or None when both are writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".llmaudit-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or (folder.exists() and not folder.is_dir()):
+            return "it is a file, not a folder"
+        if isinstance(exc, NotADirectoryError):
+            return "a part of its path is a file, not a folder"
+        return exc.strerror or type(exc).__name__
+    if db.exists() and not os.access(db, os.W_OK):
+        return os.strerror(errno.EACCES)
+    return None
+
+
 class Store:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path is not None else home() / "progress.sqlite3"
+        problem = _write_problem(self.path.parent, self.path)
+        if problem and self.path.is_file():
+            raise StoreError(f"{self.path} is read-only ({problem}): llmaudit must write to it to save your answers. "
+                             f"Your progress in it is intact and was not touched. Make {self.path.parent} writable "
+                             f"again, or copy the file to a folder you can write and set LLMAUDIT_HOME to that folder.")
+        if problem:
+            raise StoreError(f"{_where(self.path.parent)} cannot hold the progress database ({problem}). Set "
+                             f"LLMAUDIT_HOME to a folder you can write (it is created if missing).")
         fresh = not self.path.exists()
-        if fresh:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path)
             self.db.execute("PRAGMA journal_mode=WAL") if fresh else None
@@ -114,6 +146,10 @@ class Store:
     def set(self, key: str, value: str) -> None:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def unset(self, key: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     # --- cards and reviews ----------------------------------------------------------------------
 

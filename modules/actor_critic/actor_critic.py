@@ -84,6 +84,15 @@ class ActorCriticConfig:
     max_variance_ratio: float = 0.35  # median Var[with critic] / Var[without baseline] over the run
     log_every: int = 2  # record curves every this many updates
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "num_envs": ">= 2", "num_steps": ">= 1", "total_timesteps": ">= 1", "learning_rate": ">= 0",
+        "gamma": "[0, 1)", "gae_lambda": "[0, 1]", "ent_coef": ">= 0", "vf_coef": ">= 0", "max_grad_norm": "> 0",
+        "hidden": ">= 1", "stop_return": ">= 0", "stop_window": ">= 1", "confirm_return": ">= 0",
+        "confirm_every": ">= 1", "eval_episodes": ">= 1", "variance_every": ">= 1", "n_env_check_episodes": ">= 3",
+        "masking_time_limit": ">= 1", "target_return": ">= 0", "max_variance_ratio": "> 0", "log_every": ">= 1",
+    }
+
     def __post_init__(self):
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")

@@ -73,6 +73,15 @@ class AdvantageConfig:
     max_final_gap: float = 0.03  # the worst advantage agent's (J* - J) / (J* - J_uniform); worst toy seed 0.0168
     min_speedup: float = 2.5  # episodes to target, REINFORCE (at least) / advantage; worst toy seed 3.1
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "n_layers": ">= 1", "width": ">= 1", "n_actions": ">= 2", "gamma": "[0, 1)", "reward_offset": "(-inf, inf)",
+        "reward_scale": ">= 0", "reward_noise": ">= 0", "theta_scale": ">= 0", "n_episodes": ">= 1024",
+        "z_max": "> 0", "min_visits": ">= 0", "n_agents": ">= 1", "episodes_per_step": ">= 1", "train_steps": ">= 1",
+        "lr": ">= 0", "target_fraction": "(0, 1]", "min_variance_ratio_baseline": "> 0",
+        "min_variance_ratio_advantage": "> 0", "max_final_gap": ">= 0", "min_speedup": "> 0",
+    }
+
     def __post_init__(self):
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")

@@ -81,6 +81,15 @@ class AttentionConfig:
     # at every N (measured <= 3.57; FA1's loop order, keeping (m, l, acc) for every row, <= 3.19; a forward
     # that scores whole (block_q, N) rows reaches 17.6 at N = 4096)
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "n_cases": ">= 1", "max_seq_len": ">= 2", "max_head_dim": ">= 1", "max_block": ">= 1", "tol": "> 0",
+        "n_merge_cases": ">= 1", "gqa_heads": ">= 1", "gqa_kv_heads": ">= 1", "memory_min_len": ">= 1",
+        "memory_max_len": ">= 4", "memory_head_dim": ">= 1", "memory_block_q": ">= 1", "memory_block_k": ">= 1",
+        "max_linear_exponent": "> 0", "min_quadratic_exponent": "> 0", "min_memory_ratio": "> 0",
+        "max_tile_units": "> 0",
+    }
+
     def __post_init__(self):
         if self.gqa_kv_heads < 1 or self.gqa_heads % self.gqa_kv_heads:
             raise ValueError(f"gqa_kv_heads={self.gqa_kv_heads} must divide gqa_heads={self.gqa_heads}")

@@ -94,6 +94,16 @@ class DPOConfig:
     min_gold_gain: float = 2.5  # gold reward of policy samples minus the reference's; worst 2.87
     max_kl_fraction: float = 0.6  # KL(policy || reference) / KL of always answering the target; worst 0.34
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "n_digits": ">= 2", "response_len": ">= 1", "d_model": ">= 1", "n_layers": ">= 1", "n_heads": ">= 1",
+        "n_kv_heads": ">= 1", "d_ff": ">= 1", "rope_theta": "> 1", "warmup_target_prob": "[0, 1]",
+        "warmup_steps": ">= 1", "warmup_batch": ">= 1", "warmup_lr": ">= 0", "n_train_prompts": ">= 1",
+        "n_eval_prompts": ">= 1", "beta": "> 0", "label_smoothing": "[0, 0.5)", "steps": ">= 1",
+        "batch_size": ">= 1", "lr": ">= 0", "lr_warmup": ">= 0", "eval_every": ">= 1", "n_policy_samples": ">= 1",
+        "min_margin": ">= 0", "min_accuracy": "[0, 1]", "min_gold_gain": ">= 0", "max_kl_fraction": "> 0",
+    }
+
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")

@@ -74,6 +74,15 @@ class GAEConfig:
     min_variance_ratio: float = 3.0  # Var[A_1] / Var[A_0] must reach this
     monotone_slack: float = 0.05  # a step against the trend may be at most this fraction of the range
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "n_steps": ">= 2", "n_envs": ">= 1", "p_terminated": "[0, 1]", "p_truncated": "[0, 1]", "n_cases": ">= 1",
+        "n_states": ">= 1", "n_actions": ">= 1", "gamma": "[0, 1)", "p_end": "[0, 1)", "horizon": ">= 2",
+        "n_rollouts": ">= 2", "n_lambdas": ">= 3", "reward_noise": ">= 0", "critic_offset": "(-inf, inf)",
+        "critic_noise": ">= 0", "terminal_value": "(-inf, inf)", "z_max": "> 0", "z_max_grid": "> 0",
+        "min_bias_z_at_lambda0": ">= 0", "min_variance_ratio": "> 0", "monotone_slack": "[0, 1]",
+    }
+
     def __post_init__(self):
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")

@@ -107,6 +107,18 @@ class GRPOConfig:
     max_kl: float = 0.3  # per-token KL(pi || pi_ref) over the last 5 rollouts, nats: at most this ...
     min_kl: float = 0.05  # ... and at least this (the policy moved)
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "d_model": ">= 1", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1", "d_ff": ">= 1",
+        "rope_theta": "> 1", "demo_correct_easy": "[0, 1]", "demo_correct_hard": "[0, 1]", "warmup_steps": ">= 1",
+        "warmup_batch": ">= 1", "warmup_lr": ">= 0", "steps": ">= 1", "prompts_per_step": ">= 1",
+        "group_size": ">= 2", "max_new_tokens": ">= 1", "temperature": "> 0", "updates_per_rollout": ">= 1",
+        "lr": ">= 0", "grad_clip": "> 0", "clip_eps_low": "(0, 1)", "clip_eps_high": "> 0", "beta": ">= 0",
+        "adv_eps": "> 0", "format_score": "[0, 1]", "eval_samples": ">= 1", "eval_every": ">= 1",
+        "min_accuracy": "[0, 1]", "min_rise": "[-1, 1]", "initial_band_low": "[0, 1]", "initial_band_high": "[0, 1]",
+        "min_difficulty_gap": "[-1, 1]", "max_kl": "> 0", "min_kl": ">= 0",
+    }
+
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")

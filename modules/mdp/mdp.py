@@ -53,6 +53,12 @@ class MDPConfig:
     # 4 SE fail a correct run with probability 6e-5. Worst of toy seeds 0-19 / full seeds 0-4: see README.
     mc_z: float = 4.0
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "gamma": "[0, 1)", "tol": "> 0", "max_iters": ">= 1", "n_random_policies": ">= 1",
+        "n_iterative_policies": ">= 1", "n_value_pairs": ">= 1", "mc_episodes": ">= 2", "mc_z": "> 0",
+    }
+
     def __post_init__(self):
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")

@@ -73,6 +73,13 @@ class PolicyGradientConfig:
     max_final_gap: float = 0.1  # the RLOO agents' mean (J* - J) / (J* - J_uniform) at the end; worst toy
     #                             seed 0.0075: the bar leaves room for one of 8 agents locked (+0.067)
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "vocab_size": ">= 3", "max_len": ">= 2", "theta_scale": ">= 0", "group_size": ">= 2", "n_groups": ">= 256",
+        "sample_temperature": "> 0", "z_max": "> 0", "min_visits": ">= 0", "n_agents": ">= 1", "batch_size": ">= 2",
+        "train_steps": ">= 1", "lr": ">= 0", "min_variance_ratio": "> 0", "max_final_gap": ">= 0",
+    }
+
     def __post_init__(self):
         if self.vocab_size < 3 or self.max_len < 2:
             raise ValueError("vocab_size must be >= 3 (two content tokens and EOS) and max_len >= 2")

@@ -107,6 +107,17 @@ class PPOConfig:
     min_proxy_gain: float = 15.0  # hacking: proxy score, last rollouts minus first; worst toy 21.7, full 19.2
     min_hack_gold_drop: float = 1.0  # hacking: the gold reward's peak (3-iteration mean) minus its end; worst full 1.45
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "n_symbols": ">= 2", "max_len": ">= 3", "d_model": ">= 1", "n_layers": ">= 1", "sft_steps": ">= 1",
+        "rm_steps": ">= 1", "rm_eval_pairs": ">= 1", "iterations": ">= 1", "rollout_batch": ">= 1",
+        "ppo_epochs": ">= 1", "n_minibatches": ">= 1", "temperature": "> 0", "actor_lr": ">= 0", "critic_lr": ">= 0",
+        "max_grad_norm": "> 0", "clip_eps": "(0, 1)", "clip_value": "> 0", "ent_coef": ">= 0", "gamma": "[0, 1]",
+        "lam": "[0, 1]", "kl_coef": ">= 0", "kl_target": "> 0", "kl_horizon": ">= 1", "eval_prompts": ">= 1",
+        "hack_iterations": ">= 1", "decoy_bonus": ">= 0", "min_gold_gain": ">= 0", "max_kl": "> 0",
+        "min_proxy_gain": ">= 0", "min_hack_gold_drop": ">= 0",
+    }
+
     def __post_init__(self):
         if self.kl_ctl not in ("fixed", "adaptive"):
             raise ValueError(f"kl_ctl must be 'fixed' or 'adaptive', got {self.kl_ctl!r}")

@@ -83,6 +83,17 @@ class RewardModelConfig:
     min_accuracy: float = 0.88  # held-out pairwise accuracy; worst seed 0.992 toy, 0.979 full
     min_spearman: float = 0.85  # within-prompt Spearman of the score with gold; worst 0.963 toy, 0.949 full
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "n_symbols": ">= 2", "min_len": ">= 1", "max_len": ">= 1", "max_target_share": "(0, 1]",
+        "label_noise": "[0, 1]", "d_model": ">= 1", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1",
+        "d_ff": ">= 1", "rope_theta": "> 1", "lm_steps": ">= 1", "lm_lr": ">= 0", "steps": ">= 1",
+        "batch_pairs": ">= 1", "lr": ">= 0", "warmup_steps": ">= 0", "head_init_std": ">= 0", "center_coef": ">= 0",
+        "margin_per_gold_gap": ">= 0", "eval_pairs": ">= 1", "eval_curve_pairs": ">= 1", "eval_every": ">= 1",
+        "eval_prompts": ">= 1", "eval_responses": ">= 2", "pad_checks": ">= 1", "extra_pad": ">= 1",
+        "min_accuracy": "[0, 1]", "min_spearman": "[-1, 1]",
+    }
+
     def __post_init__(self):
         if not 1 <= self.min_len <= self.max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")

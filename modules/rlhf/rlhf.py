@@ -70,6 +70,11 @@ class RLHFConfig(PPO.PPOConfig):
     min_eos_rate: float = 0.84  # stage 1 samples that end with <eos> within max_len + 1; worst toy 0.926
     min_score_gain: float = 0.5  # RM score of the PPO policy's samples minus SFT's; worst toy 2.06, full 2.21
 
+    # allowed values of its own numeric fields (the PPO fields' ranges are inherited)
+    RANGES = {
+        "min_rm_accuracy": "[0, 1]", "min_eos_rate": "[0, 1]", "min_score_gain": ">= 0",
+    }
+
     @classmethod
     def toy(cls) -> RLHFConfig:
         # 30 SFT steps (the ppo toy) leave 5-10 % of answers without <eos>; the stronger SFT model then

@@ -67,6 +67,13 @@ class RLVFConfig:
     min_accuracy: float = 0.72  # sampled accuracy after GRPO (full 0.8)
     min_rise: float = 0.17  # sampled accuracy after GRPO minus before (full 0.25)
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "format_score": "[0, 1]", "n_adversarial": ">= 7", "demo_correct_easy": "[0, 1]",
+        "demo_correct_hard": "[0, 1]", "warmup_steps": ">= 1", "warmup_lr": ">= 0", "steps": ">= 1", "lr": ">= 0",
+        "min_accuracy": "[0, 1]", "min_rise": "[-1, 1]",
+    }
+
     def __post_init__(self):
         if self.method not in ("strict", "flexible"):
             raise ValueError(f"method must be strict or flexible, got {self.method!r}")

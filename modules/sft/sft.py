@@ -86,6 +86,17 @@ class SFTConfig:
     min_raw_accuracy: float = 0.9  # full only: pretrained model continuing "a+b=" in raw text; all 1.0
     min_exact_match: float = 0.8  # full only: held-out exact match after SFT (31 prompts); worst 0.903
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "max_operand": "[0, 9]", "held_out_fraction": "(0, 1)", "n_merges": ">= 0", "d_model": ">= 1",
+        "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1", "d_ff": ">= 1", "rope_theta": "> 1",
+        "pretrain_steps": ">= 0", "pretrain_batch": ">= 1", "pretrain_seq_len": ">= 2", "pretrain_lr": ">= 0",
+        "pretrain_chat_fraction": "[0, 1]", "pretrain_noise_fraction": "[0, 1)", "sft_steps": ">= 1",
+        "sft_batch": ">= 1", "sft_lr": ">= 0", "replay_fraction": "[0, 1)", "warmup_steps": ">= 0",
+        "eval_every": ">= 1", "grad_check_batch": ">= 1", "max_loss_ratio": "> 0", "max_base_format_rate": "[0, 1]",
+        "min_format_rate": "[0, 1]", "min_raw_accuracy": "[0, 1]", "min_exact_match": "[0, 1]",
+    }
+
     def __post_init__(self):
         if not self.ops or set(self.ops) - set("+-*"):
             raise ValueError(f"ops must be a non-empty subset of '+-*', got {self.ops!r}")

@@ -89,6 +89,18 @@ class TDConfig:
     qstar_tol: float = 1e-4  # max |Q - Q*| over agents, states and actions (worst toy 1.3e-5: 87 %; full bar
     #                          1e-6, worst 1.7e-7: 83 %)
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "n_agents": ">= 1", "steps": ">= 1", "alpha": "(0, 1]", "alpha_final": "(0, 1]", "anneal_from": "[0, 1)",
+        "epsilon": "[0, 1]", "gamma": "[0, 1]", "greedy_max_steps": ">= 1", "tail_episodes": ">= 1",
+        "min_optimal_fraction": "[0, 1]", "min_safe_fraction": "[0, 1]", "min_expected_safe_fraction": "[0, 1]",
+        "min_online_gap": ">= 0", "n_env_sequences": ">= 1", "env_sequence_length": ">= 1", "eval_states": ">= 2",
+        "eval_actions": ">= 1", "eval_gamma": "[0, 1)", "eval_agents": ">= 1", "eval_steps": ">= 1",
+        "eval_alpha_c": "> 0", "eval_tol": "> 0", "qstar_states": ">= 2", "qstar_actions": ">= 1",
+        "qstar_gamma": "[0, 1)", "qstar_agents": ">= 1", "qstar_steps": ">= 1", "qstar_alpha": "(0, 1]",
+        "qstar_tol": "> 0",
+    }
+
     def __post_init__(self):
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")

@@ -71,6 +71,14 @@ class TokenizerConfig:
     min_compression_step: float = 0.05  # bytes/token gained from each curve point to the next: worst of toy
     # seeds 0-19 is 0.105 (full seeds 0-4: 0.168), bar 0.05; merging the rarest pair gains ~0
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "vocab_size": ">= 261", "corpus_bytes": ">= 1", "heldout_bytes": ">= 1", "zh_fraction": "[0, 1]",
+        "curve_points": ">= 2", "encoder_corpus_bytes": ">= 1", "bench_bytes": ">= 1000", "bench_merges": ">= 1",
+        "min_work_ratio": "> 0", "n_random_strings": ">= 1", "max_string_len": ">= 1", "min_bytes_per_token": "> 0",
+        "min_compression_step": ">= 0",
+    }
+
     def __post_init__(self):
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {self.vocab_size}")

@@ -86,6 +86,14 @@ class TrainingConfig:
     resume_steps: int = 5  # steps before and after the checkpoint in the resume check
     max_excess_ppl: float = 0.06  # outcome bar on ppl / exp(H) - 1 (see the README for the sweep behind it)
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "n_states": ">= 2", "order": ">= 1", "sharpness": ">= 0", "seq_len": ">= 2", "batch_size": ">= 1",
+        "steps": ">= 1", "lr": ">= 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "micro_batches": ">= 1",
+        "d_model": ">= 1", "n_layers": ">= 1", "eval_sequences": ">= 1", "adam_compare_steps": ">= 1",
+        "resume_steps": ">= 1", "max_excess_ppl": ">= 0",
+    }
+
     def __post_init__(self):
         if self.order < 1 or self.seq_len <= self.order or self.steps <= self.warmup_steps:
             raise ValueError("need order >= 1, seq_len > order and steps > warmup_steps")

@@ -48,6 +48,14 @@ class TransformerConfig:
     speed_new_tokens: int = 64  # tokens generated (batch 1) for the KV-cache speedup measurement
     n_rows: int = 512  # random logit rows per sampling check
 
+    # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
+    RANGES = {
+        "d_model": ">= 1", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1", "d_ff": ">= 1",
+        "rope_theta": "> 1", "n_symbols": ">= 2", "n_items": ">= 1", "steps": ">= 1", "batch_size": ">= 1",
+        "lr": ">= 0", "warmup_steps": ">= 0", "eval_size": ">= 1", "min_exact_match": "[0, 1]",
+        "decode_steps": ">= 1", "speed_new_tokens": ">= 1", "n_rows": ">= 1",
+    }
+
     def __post_init__(self):
         if self.decode_steps < 1 or self.n_items < 1 or self.steps < 1:
             raise ValueError("decode_steps, n_items and steps must be positive")
