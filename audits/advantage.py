@@ -296,8 +296,8 @@ TRACE = "tr Cov of the gradient estimate"
 def estimator_curves(ctx, policy, samples):
     trace = {name: grads.var(0).sum().item() for name, grads in samples.items()}
     ctx.series("estimator/trace_cov", [trace[n] for n in M.ESTIMATORS], [0, 1, 2],
-               x_label=r"estimator (0: $G_t$, 1: $G_t - V(s_t)$, 2: $A(s_t,a_t)$)", smooth=False,
-               label="gradient variance per estimator", y_label=TRACE)
+               x_label="estimator (weight of the score function)", smooth=False,
+               label="gradient variance per estimator", y_label=TRACE, ticks=[ESTIMATOR_WORDS[n] for n in M.ESTIMATORS])
     for name, grads in samples.items():
         N = grads.shape[0]
         sizes = [b for b in BATCH_SIZES if N // b >= 1]
@@ -344,8 +344,9 @@ def learning_curves(ctx, cfg, loop):
     x = torch.arange(cfg.train_steps + 1) * cfg.episodes_per_step
     for i, name in enumerate(M.ESTIMATORS):
         ctx.series(f"charts/normalized_return_{name}", score[:, i].mean(-1), x, x_label="episodes per agent",
-                   group="charts/normalized_return", label=ESTIMATOR_WORDS[name], key=name == "advantage",
-                   y_label="normalised return (0 uniform, 1 optimal)", title="Learning curves per estimator")
+                   group="charts/normalized_return", label=ESTIMATOR_WORDS[name], key=name == "advantage", smooth=False,
+                   y_label="exact normalised return, mean over agents (0 uniform, 1 optimal)",
+                   title="Learning curves per estimator")
         ctx.scalar(f"final normalized J {name} (mean)", score[-1, i].mean())
     ctx.scalar("final normalized J advantage (worst agent)", score[-1, M.ESTIMATORS.index("advantage")].min())
     ctx.scalar("J* (value iteration)", loop.J_star)

@@ -293,7 +293,7 @@ def exact_variances(ctx, land, parabola, reinforce_loss):
                group="variance/exact_trace_cov_vs_baseline", smooth=False, label="optimal baseline b*", y_label=TRACE)
     names = list(var)
     ctx.series("variance/exact_trace_cov", [var[n] for n in names], list(range(len(names))),
-               x_label="estimator (" + ", ".join(f"{i}: {WORDS[n]}" for i, n in enumerate(names)) + ")", smooth=False,
+               x_label="estimator", smooth=False, ticks=[WORDS[n] for n in names],
                label="exact gradient variance per estimator", y_label=TRACE)
     ctx.scalar("sequences enumerated", e.tokens.shape[0])
     ctx.scalar("J(theta) at the test logits", land.J)
@@ -308,8 +308,8 @@ def sampled_variances(ctx, cfg, land, groups):
     k, G = cfg.group_size, cfg.n_groups
     trace = {name: est.var(0).sum().item() * k for name, est in groups.items()}
     ctx.series("variance/trace_cov", [trace[n] for n in M.ESTIMATORS], list(range(len(M.ESTIMATORS))),
-               x_label="estimator (" + ", ".join(f"{i}: {WORDS[n]}" for i, n in enumerate(M.ESTIMATORS)) + ")",
-               smooth=False, label="sampled gradient variance per estimator", y_label=TRACE)
+               x_label="estimator", smooth=False, ticks=[WORDS[n] for n in M.ESTIMATORS],
+               label="sampled gradient variance per estimator", y_label=TRACE)
     for name in M.ESTIMATORS:
         est, sizes = groups[name], [b for b in BATCH_GROUPS if G // b >= 4]
         mse = [((est[: G // b * b].view(G // b, b, -1).mean(1) - land.grad) ** 2).sum(-1).mean().item()
@@ -328,11 +328,12 @@ def sampled_variances(ctx, cfg, land, groups):
 def learning_curves(ctx, cfg, loop):
     steps, score = cfg.train_steps, loop.normalized  # (steps + 1, 2, n_agents)
     x = torch.arange(steps + 1) * cfg.batch_size
-    j_axis = r"expected reward $J(\theta)$ (reward per sequence)"
-    for name, y, words in (("rloo", loop.J[:, 0].mean(-1), "RLOO (mean over agents)"),
-                           ("no_baseline", loop.J[:, 1].mean(-1), "no baseline (mean over agents)"),
+    j_axis = r"exact $J(\theta)$, mean over agents (reward per sequence)"
+    for name, y, words in (("rloo", loop.J[:, 0].mean(-1), "RLOO agents"),
+                           ("no_baseline", loop.J[:, 1].mean(-1), "agents without a baseline"),
                            ("exact_gradient", loop.J_exact_ascent, "exact gradient ascent")):
         ctx.series(f"charts/expected_reward_{name}", y, x, x_label="sequences per agent", group="charts/expected_reward",
+                   smooth=False,  # exact J, not a noisy sample: an EMA would only lag
                    label=words, y_label=j_axis, key=name == "rloo", title="Learning curves: exact expected reward")
     ctx.series("reward", loop.batch_reward[:, 0], x[:-1], x_label="sequences per agent",
                label="sampled reward, RLOO agents", y_label="reward per sequence")

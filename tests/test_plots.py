@@ -40,6 +40,10 @@ def figure_problems(fig) -> list[str]:
             problems.append(f"y axis label {y!r} is missing or not words")
         if not any(ax is other or ax in other.get_shared_x_axes().get_siblings(other) for other in labelled_x):
             problems.append("an x axis has no label")
+    for ax in axes:  # named categories (bars) are words too
+        for tick in ax.get_xticklabels():
+            if re.search(r"[A-Za-z]", tick.get_text()) and not is_words(tick.get_text()):
+                problems.append(f"x tick {tick.get_text()!r} is not words")
     for x in labelled_x:
         if not is_words(x.get_xlabel()):
             problems.append(f"x axis label {x.get_xlabel()!r} is not words")
@@ -113,6 +117,21 @@ def test_different_units_get_different_axes_and_seeds_are_named():
         gold_axis = next(ax for ax in fig.axes if ax.get_ylabel().startswith("gold"))
         lo, hi = gold_axis.get_ylim()
         assert hi - lo < 4, "the gold reward's rise and fall must fill its own axis, not share the KL's 0-18"
+    finally:
+        plt.close(fig)
+
+
+def test_categories_are_bars_named_in_words():
+    results = [fake_result(s, [Series("variance/trace_cov", [0, 1, 2], [3.0 + s, 0.6, 0.5], smooth=False,
+                                      label="gradient variance per estimator", y_label="tr Cov",
+                                      x_label="estimator", ticks=["no baseline", "RLOO", "no_baseline"])])
+               for s in (0, 1)]
+    assert any("x tick 'no_baseline' is not words" in p for p in problems_of(results))
+    (key, runs), = group_runs(results).items()
+    fig = plot_figure(key, runs)
+    try:
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["no baseline", "RLOO", "no_baseline"]
+        assert len(fig.axes[0].patches) == 3 and fig.axes[0].patches[0].get_height() == 3.5  # the mean of seeds
     finally:
         plt.close(fig)
 

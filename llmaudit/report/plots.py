@@ -182,6 +182,22 @@ def _nanmax(c: Sequence[float]) -> float:
     return max(f) if f else float("nan")
 
 
+def _bars(ax: Any, s: Series, runs: list[Run]) -> None:
+    """A categorical series (``ticks``) as bars: the value per category, the mean over seeds with
+    min-max whiskers when there are several."""
+    per_seed = [m.y for _, ms in runs for m in ms if m.name == s.name]
+    cols = list(zip(*per_seed))
+    mean = [_nanmean(c) for c in cols]
+    xs = list(range(len(mean)))
+    ax.bar(xs, mean, color=PALETTE[0], width=0.65)
+    if len(per_seed) > 1:
+        ax.errorbar(xs, mean, yerr=[[m - _nanmin(c) for m, c in zip(mean, cols)],
+                                    [_nanmax(c) - m for m, c in zip(mean, cols)]],
+                    fmt="none", ecolor="#111827", capsize=3, linewidth=1)
+    crowded = max(map(len, s.ticks)) * len(s.ticks) > 48
+    ax.set_xticks(xs, s.ticks, fontsize=8, rotation=20 if crowded else 0, ha="right" if crowded else "center")
+
+
 def _style(ax: Any) -> None:
     ax.tick_params(labelsize=8.5)
     ax.grid(alpha=0.25, linewidth=0.6)
@@ -211,6 +227,12 @@ def plot_figure(key: str, runs: list[Run]):
     handles: dict[Any, list] = {}
     for unit, ax in on_axis.items():
         members = [n for n in names if y_label_of(by_name[n]) == unit]
+        if by_name[members[0]].ticks:
+            _bars(ax, by_name[members[0]], runs)
+            ax.set_ylabel(unit, fontsize=9)
+            _style(ax)
+            ax.spines["right"].set_visible(False)
+            continue
         curves = _curves(members, runs, label, names)
         for c in curves:
             if c.raw is not None:
@@ -246,12 +268,16 @@ def plot_figure(key: str, runs: list[Run]):
         notes.append("thin: raw · bold: EMA")
     if len(runs) > 1 and len(label) > 1:
         notes.append(f"line: mean over {len(runs)} seeds · band: min to max")
+    if len(runs) > 1 and first[0].ticks:
+        notes.append(f"bar: mean over {len(runs)} seeds · whisker: min to max")
     if zoomed:
         notes.append("y zoomed past the early transient")
     fig.tight_layout()
     height = fig.get_figheight()
     fig.subplots_adjust(bottom=fig.subplotpars.bottom + (0.3 if notes else 0.15) / height)  # room for the notes
-    metrics = ", ".join(names) if len(names) <= 4 else f"{key} ({len(names)} metrics)"
+    metrics = ", ".join(names)
+    if len(metrics) > 95:
+        metrics = f"{key} ({len(names)} metrics: {names[0]}, ...)"
     fig.text(0.01, 0.02 / height, metrics, fontsize=7, color=NOTE, ha="left", va="bottom", family="monospace")
     if notes:
         fig.text(0.01, 0.17 / height, " · ".join(notes), fontsize=7.5, color=NOTE, ha="left", va="bottom")
