@@ -127,6 +127,7 @@ def _three_seed_record(fail_seed: int) -> RunRecord:
         value = 11.2 if seed == fail_seed else 0.5 + seed / 10
         r.checks.append(Check("kl_estimates_track_exact_kl", passed=seed != fail_seed, measured=value,
                               expected="< 4", why="k3 is an unbiased estimate of the KL"))
+        r.scalars["gold reward gain"] = 3.0 + seed
         return r
     return RunRecord("ppo", "PPO", 7, "full", [0, 1, 2], {}, {}, {}, [result(s) for s in (0, 1, 2)])
 
@@ -140,3 +141,4 @@ def test_multi_seed_output_labels_seeds_and_names_the_failing_one(columns, capsy
     text = " ".join(capsys.readouterr().out.split())
     assert "seed 0: 0.5" in text and "seed 1: 0.6" in text and "seed 2 ✗: 11.2" in text, text
     assert "fails on seed 2" in text, text
+    assert "seed 0: 3 · seed 1: 4 · seed 2: 5" in text, text

@@ -181,9 +181,11 @@ def print_record(rec: RunRecord, explain: bool = False) -> None:
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold")
         grid.add_column(overflow="fold")
-        for k, vs in scalars.items():
-            texts = [format_measured(v) for v in vs]
-            grid.add_row(escape(k), escape(texts[0] if len(set(texts)) == 1 else " / ".join(texts)))
+        for k in scalars:
+            per_seed = [(r.seed, format_measured(r.scalars[k])) for r in rec.results if k in r.scalars]
+            texts = {t for _, t in per_seed}
+            grid.add_row(escape(k), escape(per_seed[0][1] if len(texts) == 1 and len(per_seed) == len(rec.results)
+                                           else " · ".join(f"seed {s}: {t}" for s, t in per_seed)))
         console.print("[bold]headline[/]" + (f" [dim](seeds {', '.join(map(str, rec.seeds))})[/]" if len(rec.seeds) > 1 else ""))
         console.print(Padding(grid, (0, 0, 0, 2)))
     for seed, e in rec.errors:

@@ -51,7 +51,8 @@ def label_of(s: Series) -> str:
 
 
 def y_label_of(s: Series) -> str:
-    return s.y_label or label_of(s)
+    """The y axis of a series; records from before units were recorded share one axis per plot, as then."""
+    return s.y_label or words(s.plot_key)
 
 
 def group_series(series: dict[str, Series]) -> dict[str, list[Series]]:
@@ -241,7 +242,7 @@ def plot_figure(key: str, runs: list[Run]):
             if c.band is not None:
                 ax.fill_between(c.x, *c.band, color=c.color, alpha=0.15, linewidth=0)
             h, = ax.plot(c.x, c.line, color=c.color, linewidth=1.8 if c.raw is not None else 1.6,
-                         marker=c.marker, markersize=3.5, label=c.label)
+                         marker=c.marker if c.raw is None else None, markersize=3.5, label=c.label)
             if c.label:
                 handles.setdefault(ax if panels > 1 else axes[0], []).append(h)
         limits = focus_limits([s for _, ms in runs for s in ms if s.name in members])
