@@ -142,3 +142,10 @@ def test_multi_seed_output_labels_seeds_and_names_the_failing_one(columns, capsy
     assert "seed 0: 0.5" in text and "seed 1: 0.6" in text and "seed 2 ✗: 11.2" in text, text
     assert "fails on seed 2" in text, text
     assert "seed 0: 3 · seed 1: 4 · seed 2: 5" in text, text
+
+
+def test_sweep_names_the_seeds_a_check_fails_on():
+    res = runner(100).invoke(app, ["sweep", "mdp", "--seeds", "2", "-j", "1", "--set", "max_iters=2"])
+    assert res.exit_code == 1, res.output
+    line = next(x for x in res.stdout.splitlines() if "value_iteration_reaches_bellman_fixed_point" in x)
+    assert "0/2 (fails on seeds 0, 1)" in line, line
