@@ -358,20 +358,39 @@ def critic_baseline_reduces_gradient_variance(loop):
 
 # ---- report ----------------------------------------------------------------------------------------
 
+STEPS = "environment steps"
+LOG_VAR = r"$\log_{10}$ tr Cov of the gradient"
+CURVES = {
+    "charts/episodic_return": dict(label="episode return", y_label="return (steps balanced)", key=True),
+    "losses/policy_loss": dict(label="policy loss", y_label=r"loss $-\log\pi \cdot A$ (return units)"),
+    "losses/value_loss": dict(label="value loss", y_label=r"squared error (return$^2$)"),
+    "losses/entropy": dict(label="policy entropy", y_label="entropy per action (nats)"),
+    "losses/explained_variance": dict(label="explained variance of the critic", y_label="explained variance (1 = perfect)"),
+    "charts/learning_rate": dict(label="learning rate", y_label="learning rate (Adam step size)"),
+    "policy_gradient/log10_variance_with_critic": dict(label=r"with the critic ($A = G - V$)", y_label=LOG_VAR,
+                                                       title="Gradient variance with and without the critic"),
+    "policy_gradient/log10_variance_without_baseline": dict(label="without a baseline (return G)", y_label=LOG_VAR),
+    "policy_gradient/variance_ratio": dict(label="gradient variance, with the critic over without",
+                                           y_label="variance ratio (< 1: the critic helps)"),
+}
+
+
 @ac.report
 def curves(ctx, loop):
     result, h, v = loop.train, loop.train.history, loop.train.variance
-    ctx.series("charts/episodic_return", h["episodic_return"], h["return_step"], x_label="global_step")
+    ctx.series("charts/episodic_return", h["episodic_return"], h["return_step"], x_label=STEPS,
+               **CURVES["charts/episodic_return"])
     for name, key in (("losses/policy_loss", "policy_loss"), ("losses/value_loss", "value_loss"),
                       ("losses/entropy", "entropy"), ("losses/explained_variance", "explained_variance"),
                       ("charts/learning_rate", "learning_rate")):
-        ctx.series(name, h[key], h["global_step"], x_label="global_step")
+        ctx.series(name, h[key], h["global_step"], x_label=STEPS, **CURVES[name])
     ratios = torch.tensor(v["with_critic"]) / torch.tensor(v["without_baseline"])
-    ctx.series("policy_gradient/log10_variance_with_critic", torch.tensor(v["with_critic"]).log10(), v["global_step"],
-               x_label="global_step", group="policy_gradient/log10_variance", smooth=False)
-    ctx.series("policy_gradient/log10_variance_without_baseline", torch.tensor(v["without_baseline"]).log10(),
-               v["global_step"], x_label="global_step", group="policy_gradient/log10_variance", smooth=False)
-    ctx.series("policy_gradient/variance_ratio", ratios, v["global_step"], x_label="global_step", smooth=False)
+    for name, key in (("policy_gradient/log10_variance_with_critic", "with_critic"),
+                      ("policy_gradient/log10_variance_without_baseline", "without_baseline")):
+        ctx.series(name, torch.tensor(v[key]).log10(), v["global_step"], x_label=STEPS,
+                   group="policy_gradient/log10_variance", smooth=False, **CURVES[name])
+    ctx.series("policy_gradient/variance_ratio", ratios, v["global_step"], x_label=STEPS, smooth=False,
+               **CURVES["policy_gradient/variance_ratio"])
     ctx.scalar("mean return (held-out)", loop.after.returns.mean())
     ctx.scalar("min return (held-out)", loop.after.returns.min())
     ctx.scalar("mean return of an untrained policy", loop.before.returns.mean())

@@ -287,18 +287,26 @@ def advantage_needs_fewer_episodes_than_reinforce(cfg, loop):
 
 # ---- report ----------------------------------------------------------------------------------------
 
+ESTIMATOR_WORDS = {"reinforce": r"REINFORCE ($G_t$)", "baseline": r"baseline ($G_t - V(s_t)$)",
+                   "advantage": r"advantage ($A(s_t, a_t)$)"}
+TRACE = "tr Cov of the gradient estimate"
+
+
 @adv.report
 def estimator_curves(ctx, policy, samples):
     trace = {name: grads.var(0).sum().item() for name, grads in samples.items()}
     ctx.series("estimator/trace_cov", [trace[n] for n in M.ESTIMATORS], [0, 1, 2],
-               x_label="estimator (0 REINFORCE G_t, 1 G_t - V(s_t), 2 A(s_t,a_t))", smooth=False)
+               x_label="estimator (weight of the score function)", smooth=False,
+               label="gradient variance per estimator", y_label=TRACE, ticks=[ESTIMATOR_WORDS[n] for n in M.ESTIMATORS])
     for name, grads in samples.items():
         N = grads.shape[0]
         sizes = [b for b in BATCH_SIZES if N // b >= 1]
         mse = [((grads[: N // b * b].reshape(N // b, b, *grads.shape[1:]).mean(1) - policy.grad) ** 2)
                .sum((-1, -2)).mean().item() for b in sizes]
         ctx.series(f"estimator/log10_mse_{name}", [math.log10(v) for v in mse], [math.log2(b) for b in sizes],
-                   x_label="log2 batch size (episodes)", group="estimator/log10_mse_vs_batch_size", smooth=False)
+                   x_label=r"$\log_2$ batch size (episodes)", group="estimator/log10_mse_vs_batch_size", smooth=False,
+                   label=ESTIMATOR_WORDS[name], y_label=r"$\log_{10}$ squared error to the true gradient",
+                   title="Gradient error against batch size")
         ctx.scalar(f"log10 MSE {name} at {sizes[-1]} episodes", math.log10(mse[-1]))
     ctx.scalar("J(theta) at the test policy", policy.J)
     ctx.scalar("var ratio reinforce/baseline", trace["reinforce"] / trace["baseline"])
@@ -323,8 +331,9 @@ def variance_vs_reward_offset(ctx, cfg, policy, episodes, discounted_returns, ad
                                                cfg.gamma, cfg.weight_by_gamma_t).items():
             sweep[name].append(grads.var(0).sum().item())
     for name in M.ESTIMATORS:
-        ctx.series(f"variance/trace_cov_{name}", sweep[name], OFFSET_SWEEP, x_label="reward offset",
-                   group="variance/trace_cov_vs_reward_offset", smooth=False)
+        ctx.series(f"variance/trace_cov_{name}", sweep[name], OFFSET_SWEEP, x_label="reward offset (added to every reward)",
+                   group="variance/trace_cov_vs_reward_offset", smooth=False, label=ESTIMATOR_WORDS[name],
+                   y_label=TRACE, title="Gradient variance against a reward offset")
         for i in (0, -1):
             ctx.scalar(f"tr Cov {name} at reward offset {OFFSET_SWEEP[i]:g}", sweep[name][i])
 
@@ -335,7 +344,9 @@ def learning_curves(ctx, cfg, loop):
     x = torch.arange(cfg.train_steps + 1) * cfg.episodes_per_step
     for i, name in enumerate(M.ESTIMATORS):
         ctx.series(f"charts/normalized_return_{name}", score[:, i].mean(-1), x, x_label="episodes per agent",
-                   group="charts/normalized_return")
+                   group="charts/normalized_return", label=ESTIMATOR_WORDS[name], key=name == "advantage", smooth=False,
+                   y_label="exact normalised return, mean over agents (0 uniform, 1 optimal)",
+                   title="Learning curves per estimator")
         ctx.scalar(f"final normalized J {name} (mean)", score[-1, i].mean())
     ctx.scalar("final normalized J advantage (worst agent)", score[-1, M.ESTIMATORS.index("advantage")].min())
     ctx.scalar("J* (value iteration)", loop.J_star)

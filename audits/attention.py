@@ -126,7 +126,8 @@ def flash_matches_reference(ctx, cfg, g, cases, flash_attention_forward):
         errors.append(max_error(_tiled(flash_attention_forward, q, k, v, case),
                                 M.scaled_dot_product_attention(q, k, v, _mask(case))))
     ctx.series("equivalence/log10_max_abs_diff_flash", [math.log10(max(e, 1e-300)) if math.isfinite(e) else 0.0
-                                                         for e in errors], x_label="random case", smooth=False)
+                                                         for e in errors], x_label="random case (index)", smooth=False,
+               label="flash attention against the reference", y_label=r"$\log_{10}$ max abs difference")
     return measure(errors, f"{len(cases)} cases, {_ragged(cases)} with a ragged last block")
 
 
@@ -355,9 +356,12 @@ def flash_memory_is_bounded_by_the_tile_size(cfg, flash_memory):
 def memory_curves(ctx, cfg, reference_memory, flash_memory):
     lens = cfg.memory_seq_lens
     ctx.series("memory/reference_peak_mib", [p / 2**20 for p in reference_memory], lens,
-               x_label="sequence length N", group="memory/peak_mib", smooth=False)
+               x_label="sequence length N (tokens)", group="memory/peak_mib", smooth=False,
+               label="reference attention (N x N scores)", y_label="peak memory (MiB)", key=True,
+               title="Peak memory against sequence length")
     ctx.series("memory/flash_peak_mib", [p / 2**20 for p in flash_memory], lens,
-               x_label="sequence length N", group="memory/peak_mib", smooth=False)
+               x_label="sequence length N (tokens)", group="memory/peak_mib", smooth=False,
+               label="flash attention (tiles)", y_label="peak memory (MiB)")
     units = M.extra_memory_in_tiles(flash_memory, lens, cfg.memory_head_dim, cfg.memory_block_q, cfg.memory_block_k)
     ctx.scalar(f"memory ratio at N={lens[-1]}", round(reference_memory[-1] / max(flash_memory[-1], 1), 2))
     ctx.scalar(f"reference peak MiB at N={lens[-1]}", round(reference_memory[-1] / 2**20, 3))

@@ -222,10 +222,30 @@ def kl_to_reference_stays_below_collapse(trained):
                    f"{after:.2f} nats; always answering the target costs {trained.collapse_kl:.2f}")
 
 
+IMPLICIT = r"implicit reward $\beta \log \pi_\theta / \pi_{ref}$ (nats)"
+CURVES = {
+    "loss": dict(label="DPO loss", y_label="loss per pair (nats)"),
+    "rewards/chosen": dict(label="chosen answers", y_label=IMPLICIT, title="Implicit reward: chosen vs rejected"),
+    "rewards/rejected": dict(label="rejected answers", y_label=IMPLICIT),
+    "rewards/margins": dict(label="reward margin, chosen minus rejected", y_label=IMPLICIT),
+    "rewards/accuracies": dict(label="pairs ranked right (training batch)", y_label="ranked right (fraction of pairs)"),
+    "logps/chosen": dict(label="chosen answers", y_label="log-probability per answer (nats)",
+                         title="Log-probability of chosen vs rejected answers"),
+    "logps/rejected": dict(label="rejected answers", y_label="log-probability per answer (nats)"),
+    "grad_norm": dict(label="gradient norm before clipping", y_label="gradient L2 norm"),
+    "eval/rewards/accuracies": dict(label="held-out pairs ranked right", y_label="ranked right (fraction of pairs)"),
+    "eval/rewards/margins": dict(label="held-out reward margin", y_label=IMPLICIT),
+    "objective/gold_reward": dict(label="gold reward of sampled answers", y_label="gold reward (target digits per answer)",
+                                  key=True),
+    "objective/kl": dict(label="KL to the reference", y_label="KL per answer (nats)"),
+}
+
+
 @dpo.report
 def curves(ctx, cfg, data, trained):
     p = cfg.warmup_target_prob
-    ctx.series("warmup/loss", [h["loss"] for h in data.warm_up_history], x_label="warm-up step")
+    ctx.series("warmup/loss", [h["loss"] for h in data.warm_up_history], x_label="warm-up step",
+               label="warm-up loss (supervised)", y_label="loss per response token (nats)")
     ctx.scalar("warm-up response NLL (last step)", data.warm_up_history[-1]["loss"])
     floor = -(p * math.log(p) + (1 - p) * math.log((1 - p) / (cfg.n_digits - 1)))
     ctx.scalar("warm-up data entropy (the floor)", floor)
@@ -235,14 +255,15 @@ def curves(ctx, cfg, data, trained):
               "logps/chosen": "logps/chosen_vs_rejected", "logps/rejected": "logps/chosen_vs_rejected"}
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "logps/chosen", "logps/rejected", "grad_norm"):
-        ctx.series(name, [h[name] for h in trained.history], x_label="DPO step", group=groups.get(name, ""))
+        ctx.series(name, [h[name] for h in trained.history], x_label="DPO step", group=groups.get(name, ""),
+                   **CURVES[name])
     evals = trained.evals
     steps = [e.step for e in evals]
     for name, values in (("eval/rewards/accuracies", [e.heldout_accuracy for e in evals]),
                          ("eval/rewards/margins", [e.heldout_margin for e in evals]),
                          ("objective/gold_reward", [e.gold_reward for e in evals]),
                          ("objective/kl", [e.kl for e in evals])):
-        ctx.series(name, values, steps, x_label="DPO step")
+        ctx.series(name, values, steps, x_label="DPO step", **CURVES[name])
     ctx.scalar("gold reward: reference", evals[0].gold_reward)
     ctx.scalar("gold reward: DPO policy", evals[-1].gold_reward)
     ctx.scalar("held-out accuracy", evals[-1].heldout_accuracy)

@@ -250,6 +250,16 @@ def perfect_critic_is_unbiased_for_every_lambda(sweep):
     return (sweep.perfect_bias / sweep.perfect_se).abs()
 
 
+VAR, BIAS = r"Var[$\hat A_0$] (reward$^2$)", r"bias of $\hat A_0$ (reward units)"
+CURVES = {"advantage/variance": dict(label="wrong critic", y_label=VAR, key=True,
+                                     title=r"Variance of the advantage against $\lambda$"),
+          "advantage/variance_perfect_critic": dict(label="perfect critic", y_label=VAR),
+          "advantage/bias": dict(label="wrong critic, measured", y_label=BIAS,
+                                 title=r"Bias of the advantage against $\lambda$"),
+          "advantage/bias_analytic": dict(label="wrong critic, closed form", y_label=BIAS),
+          "advantage/bias_perfect_critic": dict(label="perfect critic, measured", y_label=BIAS)}
+
+
 @gae.report
 def curves(ctx, sweep):
     lams, var, bias = sweep.lambdas, sweep.variance, sweep.bias
@@ -258,7 +268,7 @@ def curves(ctx, sweep):
                            ("advantage/bias", bias, "advantage/bias"),
                            ("advantage/bias_analytic", sweep.bias_analytic, "advantage/bias"),
                            ("advantage/bias_perfect_critic", sweep.perfect_bias, "advantage/bias")]:
-        ctx.series(name, y, lams, x_label="lambda", group=group, smooth=False)
+        ctx.series(name, y, lams, x_label=r"GAE $\lambda$", group=group, smooth=False, **CURVES[name])
     ctx.scalar("Var[A] lam=0", var[0])
     ctx.scalar("Var[A] lam=1", var[-1])
     ctx.scalar("variance ratio lam=1/lam=0", var[-1] / var[0])

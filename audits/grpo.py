@@ -325,18 +325,40 @@ def kl_to_reference_stays_bounded(trained):
 
 # ---- the report ----------------------------------------------------------------------------------------
 
+ACCURACY = "accuracy (fraction of sampled answers)"
+CURVES = {
+    "reward": dict(label="verifier reward", y_label="reward per answer (0 wrong, 1 right)"),
+    "reward_std": dict(label="reward spread within a group", y_label="reward std within a group"),
+    "frac_reward_zero_std": dict(label="groups with all-equal rewards", y_label="groups without signal (fraction)"),
+    "kl": dict(label=r"KL to the reference ($k_3$)", y_label="KL per token (nats)"),
+    "entropy": dict(label="policy entropy", y_label="entropy per token (nats)"),
+    "clip_ratio/region_mean": dict(label="clipped, either side", y_label="clipped (fraction of tokens)",
+                                   title="Share of tokens clipped"),
+    "clip_ratio/low_mean": dict(label=r"clipped below ($1-\epsilon$)", y_label="clipped (fraction of tokens)"),
+    "clip_ratio/high_mean": dict(label=r"clipped above ($1+\epsilon$)", y_label="clipped (fraction of tokens)"),
+    "completions/mean_length": dict(label="answer length", y_label="tokens per answer"),
+    "loss": dict(label="GRPO loss", y_label="loss (advantage units)"),
+    "grad_norm": dict(label="gradient norm before clipping", y_label="gradient L2 norm"),
+    "eval/accuracy": dict(label="all problems", y_label=ACCURACY, key=True, title="Accuracy on the 100 problems"),
+    "eval/accuracy_easy": dict(label="easy (no carry)", y_label=ACCURACY),
+    "eval/accuracy_hard": dict(label="hard (a carry)", y_label=ACCURACY),
+}
+
+
 @grpo.report
 def curves(ctx, cfg, sft, trained):
-    ctx.series("warmup/loss", [h["loss"] for h in sft[1]], x_label="warm-up step")
+    ctx.series("warmup/loss", [h["loss"] for h in sft[1]], x_label="warm-up step",
+               label="warm-up loss (supervised)", y_label="loss per answer token (nats)")
     h = trained.history
     for name in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/region_mean",
                  "clip_ratio/low_mean", "clip_ratio/high_mean", "completions/mean_length", "loss", "grad_norm"):
-        ctx.series(name, [x[name] for x in h], x_label="GRPO step", group="clip_ratio" if "clip_ratio" in name else "")
+        ctx.series(name, [x[name] for x in h], x_label="GRPO step", group="clip_ratio" if "clip_ratio" in name else "",
+                   **CURVES[name])
     steps = [e.step for e in trained.evals]
     for name, values in (("eval/accuracy", [e.accuracy for e in trained.evals]),
                          ("eval/accuracy_easy", [e.accuracy_by_difficulty[0] for e in trained.evals]),
                          ("eval/accuracy_hard", [e.accuracy_by_difficulty[1] for e in trained.evals])):
-        ctx.series(name, values, steps, x_label="GRPO step", group="eval/accuracy")
+        ctx.series(name, values, steps, x_label="GRPO step", group="eval/accuracy", **CURVES[name])
     ctx.scalar("accuracy: SFT policy", trained.start.accuracy)
     ctx.scalar("accuracy: after GRPO", trained.end.accuracy)
     ctx.scalar("greedy accuracy: SFT policy", trained.start.greedy_accuracy)

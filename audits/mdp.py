@@ -298,14 +298,18 @@ def monte_carlo_return_matches_v_star(models, vi_solutions, mc_returns):
 def curves(ctx, models, vi_solutions, pi_solutions, expected_returns, mc_returns):
     vi = vi_solutions["frozen_lake"]
     ctx.series("vi/sup_norm_change_log10", torch.tensor(vi.deltas).clamp_min(1e-300).log10(),
-               x_label="value-iteration sweep")
-    ctx.series("pi/policy_changes", pi_solutions["frozen_lake"].deltas, x_label="policy-iteration step", smooth=False)
+               x_label="value-iteration sweep", label=r"value iteration: largest change of $V$ per sweep",
+               y_label=r"$\log_{10} \max_s |V_{k+1}(s) - V_k(s)|$", key=True)
+    ctx.series("pi/policy_changes", pi_solutions["frozen_lake"].deltas, x_label="policy-iteration step", smooth=False,
+               label="policy iteration: actions changed per step", y_label="states whose action changed")
     returns, v_start = mc_returns, _v_start(models, vi_solutions)
     running = returns.cumsum(0) / torch.arange(1, returns.numel() + 1, dtype=D)
     v_star = v_start["frozen_lake"]
-    ctx.series("mc/running_mean_return", running, x_label="episode", group="mc/return_vs_v_star", smooth=False)
+    ctx.series("mc/running_mean_return", running, x_label="episode", group="mc/return_vs_v_star", smooth=False,
+               label="running mean of sampled returns", y_label=r"return from $s_0$ (discounted)",
+               title=r"Monte Carlo return converges to $V^*(s_0)$")
     ctx.series("mc/v_star", [v_star] * returns.numel(), x_label="episode", group="mc/return_vs_v_star",
-               smooth=False)
+               smooth=False, label=r"$V^*(s_0)$ by value iteration", y_label=r"return from $s_0$ (discounted)")
     ctx.scalar("V*(s0) FrozenLake", v_star)
     ctx.scalar("V*(s0) gridworld", v_start["gridworld"])
     ctx.scalar("E[G] greedy policy FrozenLake", expected_returns["frozen_lake"])

@@ -272,6 +272,12 @@ def gradient_ascent_reaches_near_optimal_reward(loop):
 
 # ---- report ----------------------------------------------------------------------------------------
 
+TRACE = "tr Cov of the gradient estimate"
+WORDS = {"no_baseline": "no baseline", "mean_reward": "b = J", "shift_5": "b = 5", "optimal": "b = b*",
+         "reward_to_go": "reward-to-go", "reward_to_go_mean_reward": "reward-to-go, b = J", "rloo": "RLOO",
+         "rloo_reward_to_go": "RLOO with reward-to-go", "group_mean": "group mean"}
+
+
 @pg.report
 def exact_variances(ctx, land, parabola, reinforce_loss):
     e, b_star = land.enum, parabola["b_star"]
@@ -281,12 +287,14 @@ def exact_variances(ctx, land, parabola, reinforce_loss):
     for name, b in (("reward_to_go", 0.0), ("reward_to_go_mean_reward", land.J)):
         var[name] = _exact(land, lambda x, b=b: M.reward_to_go_loss(x, e.token_rewards, b, e.mask, reinforce_loss))[1]
     ctx.series("variance/exact_trace_cov_vs_baseline", parabola["curve"], parabola["grid"],
-               x_label="constant baseline b", smooth=False)
-    ctx.series("variance/exact_trace_cov_at_b_star", [var["optimal"]], [b_star], x_label="constant baseline b",
-               group="variance/exact_trace_cov_vs_baseline", smooth=False)
+               x_label="constant baseline b (reward units)", smooth=False, label="exact variance",
+               y_label=TRACE, title="Exact gradient variance against a constant baseline")
+    ctx.series("variance/exact_trace_cov_at_b_star", [var["optimal"]], [b_star], x_label="constant baseline b (reward units)",
+               group="variance/exact_trace_cov_vs_baseline", smooth=False, label="optimal baseline b*", y_label=TRACE)
     names = list(var)
     ctx.series("variance/exact_trace_cov", [var[n] for n in names], list(range(len(names))),
-               x_label="estimator (" + ", ".join(f"{i} {n}" for i, n in enumerate(names)) + ")", smooth=False)
+               x_label="estimator", smooth=False, ticks=[WORDS[n] for n in names],
+               label="exact gradient variance per estimator", y_label=TRACE)
     ctx.scalar("sequences enumerated", e.tokens.shape[0])
     ctx.scalar("J(theta) at the test logits", land.J)
     ctx.scalar("b* - J", b_star - land.J)
@@ -300,14 +308,16 @@ def sampled_variances(ctx, cfg, land, groups):
     k, G = cfg.group_size, cfg.n_groups
     trace = {name: est.var(0).sum().item() * k for name, est in groups.items()}
     ctx.series("variance/trace_cov", [trace[n] for n in M.ESTIMATORS], list(range(len(M.ESTIMATORS))),
-               x_label="estimator (" + ", ".join(f"{i} {n}" for i, n in enumerate(M.ESTIMATORS)) + ")",
-               smooth=False)
+               x_label="estimator", smooth=False, ticks=[WORDS[n] for n in M.ESTIMATORS],
+               label="sampled gradient variance per estimator", y_label=TRACE)
     for name in M.ESTIMATORS:
         est, sizes = groups[name], [b for b in BATCH_GROUPS if G // b >= 4]
         mse = [((est[: G // b * b].view(G // b, b, -1).mean(1) - land.grad) ** 2).sum(-1).mean().item()
                for b in sizes]
         ctx.series(f"variance/log10_mse_{name}", [math.log10(v) for v in mse], [math.log2(b * k) for b in sizes],
-                   x_label="log2 batch size (sequences)", group="variance/log10_mse_vs_batch_size", smooth=False)
+                   x_label=r"$\log_2$ batch size (sequences)", group="variance/log10_mse_vs_batch_size", smooth=False,
+                   label=WORDS[name], y_label=r"$\log_{10}$ squared error to the true gradient",
+                   title="Gradient error against batch size")
         ctx.scalar(f"sampled tr Cov {name}", trace[name])
     ctx.scalar("variance ratio no_baseline / rloo", trace["no_baseline"] / trace["rloo"])
     proj = (groups["group_mean"] @ land.grad) / (land.grad ** 2).sum()  # (G,) along grad J, in its units
@@ -318,14 +328,17 @@ def sampled_variances(ctx, cfg, land, groups):
 def learning_curves(ctx, cfg, loop):
     steps, score = cfg.train_steps, loop.normalized  # (steps + 1, 2, n_agents)
     x = torch.arange(steps + 1) * cfg.batch_size
-    ctx.series("charts/expected_reward_rloo", loop.J[:, 0].mean(-1), x, x_label="sequences per agent",
-               group="charts/expected_reward")
-    ctx.series("charts/expected_reward_no_baseline", loop.J[:, 1].mean(-1), x, x_label="sequences per agent",
-               group="charts/expected_reward")
-    ctx.series("charts/expected_reward_exact_gradient", loop.J_exact_ascent, x, x_label="sequences per agent",
-               group="charts/expected_reward")
-    ctx.series("reward", loop.batch_reward[:, 0], x[:-1], x_label="sequences per agent")
-    ctx.series("reward_std", loop.batch_reward_std[:, 0], x[:-1], x_label="sequences per agent")
+    j_axis = r"exact $J(\theta)$, mean over agents (reward per sequence)"
+    for name, y, words in (("rloo", loop.J[:, 0].mean(-1), "RLOO agents"),
+                           ("no_baseline", loop.J[:, 1].mean(-1), "agents without a baseline"),
+                           ("exact_gradient", loop.J_exact_ascent, "exact gradient ascent")):
+        ctx.series(f"charts/expected_reward_{name}", y, x, x_label="sequences per agent", group="charts/expected_reward",
+                   smooth=False,  # exact J, not a noisy sample: an EMA would only lag
+                   label=words, y_label=j_axis, key=name == "rloo", title="Learning curves: exact expected reward")
+    ctx.series("reward", loop.batch_reward[:, 0], x[:-1], x_label="sequences per agent",
+               label="sampled reward, RLOO agents", y_label="reward per sequence")
+    ctx.series("reward_std", loop.batch_reward_std[:, 0], x[:-1], x_label="sequences per agent",
+               label="spread of the sampled reward, RLOO agents", y_label="reward std per batch")
     final = score[-1]
     locked = (1.0 - final > LOCKED).double().mean(-1)  # fraction of agents locked short of J*
     ctx.scalar("agents locked: rloo", locked[0])

@@ -458,18 +458,25 @@ def reward_hacking_without_kl_penalty(hacking):
                    f"the proxy agrees with gold on {hacking.proxy_agreement:.0%} of held-out pairs")
 
 
+HACKING = {"hacking/proxy_score": dict(label="proxy score (biased annotator)", y_label="proxy score (points per answer)",
+                                      title=r"Reward hacking without the KL penalty ($\beta$ = 0)"),
+           "hacking/gold_reward": M.METRIC_WORDS["objective/gold_reward"], "hacking/kl": M.METRIC_WORDS["objective/kl"]}
+
+
 @ppo.report
 def curves(ctx, setup, trained, hacking):
-    ctx.series("rm/loss", [h["loss"] for h in setup.rm_history], x_label="reward-model step")
+    ctx.series("rm/loss", [h["loss"] for h in setup.rm_history], x_label="reward-model step",
+               label="reward-model loss (Bradley-Terry)", y_label="loss per pair (nats)")
     groups = {"objective/scores": "objective/scores_vs_gold", "objective/gold_reward": "objective/scores_vs_gold"}
     for name in ("objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/scores",
                  "objective/scores_std", "objective/gold_reward", "objective/kl_coef", "policy/approxkl_avg",
                  "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "val/clipfrac_avg",
                  "response_length"):
-        ctx.series(name, [h[name] for h in trained.history], x_label="PPO iteration", group=groups.get(name, ""))
+        ctx.series(name, [h[name] for h in trained.history], x_label="PPO iteration", group=groups.get(name, ""),
+                   key=name == "objective/scores", **M.METRIC_WORDS[name])
     for name, ys in (("hacking/proxy_score", hacking.proxy), ("hacking/gold_reward", hacking.gold),
                      ("hacking/kl", hacking.kl)):
-        ctx.series(name, ys, x_label="PPO iteration (beta = 0, biased proxy)", group="reward_hacking")
+        ctx.series(name, ys, x_label=r"PPO iteration ($\beta$ = 0, biased proxy)", group="reward_hacking", **HACKING[name])
     ctx.scalar("reward model: held-out pairwise accuracy vs gold", setup.rm_accuracy)
     ctx.scalar("gold reward: SFT policy", setup.before["gold"])
     ctx.scalar("gold reward: PPO policy", trained.after["gold"])

@@ -218,19 +218,26 @@ def reward_correlates_with_gold(trained):
 def curves(ctx, cfg, trained):
     h = trained.history
     if trained.lm_history:
-        ctx.series("warmup/lm_loss", [r["loss"] for r in trained.lm_history], x_label="warm-up step")
+        ctx.series("warmup/lm_loss", [r["loss"] for r in trained.lm_history], x_label="warm-up step",
+                   label="warm-up language-model loss", y_label="loss per token (nats)")
         ctx.scalar("warm-up LM loss (nats/token)", trained.lm_history[-1]["loss"])
-    ctx.series("train/loss", [r["loss"] for r in h])
-    ctx.series("rewards/chosen", [r["chosen"] for r in h], group="rewards")
-    ctx.series("rewards/rejected", [r["rejected"] for r in h], group="rewards")
-    ctx.series("rewards/margins", [r["margin"] for r in h])
+    ctx.series("train/loss", [r["loss"] for r in h], x_label="reward-model step",
+               label="Bradley-Terry loss", y_label="loss per pair (nats)")
+    ctx.series("rewards/chosen", [r["chosen"] for r in h], x_label="reward-model step", group="rewards",
+               label="chosen answers", y_label="RM score (logits)", title="Scores of chosen vs rejected answers")
+    ctx.series("rewards/rejected", [r["rejected"] for r in h], x_label="reward-model step", group="rewards",
+               label="rejected answers", y_label="RM score (logits)")
+    ctx.series("rewards/margins", [r["margin"] for r in h], x_label="reward-model step",
+               label="score margin, chosen minus rejected", y_label="RM score margin (logits)")
     evals = [(i, r["eval_accuracy"]) for i, r in enumerate(h) if "eval_accuracy" in r] + \
         [(cfg.steps, trained.curve_accuracy_after)]
-    ctx.series("eval/accuracy", [a for _, a in evals], [i for i, _ in evals], smooth=False)
+    ctx.series("eval/accuracy", [a for _, a in evals], [i for i, _ in evals], x_label="reward-model step", smooth=False,
+               label="held-out pairwise accuracy", y_label="pairs ranked right (fraction)", key=True)
     scores, gold = trained.scores.flatten(), trained.gold.flatten()
     levels = gold.unique()
     ctx.series("eval/mean_score_by_gold", [scores[gold == v].mean().item() for v in levels], levels,
-               x_label="gold reward (count of the target digit)", smooth=False)
+               x_label="gold reward (count of the target digit)", smooth=False,
+               label="mean RM score at each gold reward", y_label="RM score (logits)")
     ctx.scalar("parameters", sum(p.numel() for p in trained.rm.parameters()))
     ctx.scalar("held-out accuracy before", trained.accuracy_before)
     ctx.scalar("held-out accuracy after", trained.accuracy_after)

@@ -258,13 +258,16 @@ def ppo_kl_to_sft_bounded(trained):
 @rlhf.report
 def tables(ctx, setup, wiring, trained):
     ppo_run, stages = trained
-    ctx.series("sft/loss", [h["loss"] for h in setup.sft_history], x_label="SFT step")
-    ctx.series("rm/loss", [h["loss"] for h in setup.rm_history], x_label="RM step")
+    ctx.series("sft/loss", [h["loss"] for h in setup.sft_history], x_label="SFT step",
+               label="stage 1: SFT loss", y_label="loss per token (nats)")
+    ctx.series("rm/loss", [h["loss"] for h in setup.rm_history], x_label="reward-model step",
+               label="stage 2: reward-model loss (Bradley-Terry)", y_label="loss per pair (nats)")
     steps = list(range(len(ppo_run.history)))
     for name in ("objective/scores", "objective/gold_reward", "objective/kl", "objective/rlhf_reward",
                  "policy/clipfrac_avg", "loss/value_avg"):
         ctx.series(name, [h[name] for h in ppo_run.history], steps, x_label="PPO iteration",
-                   group="ppo/rewards" if name in ("objective/scores", "objective/gold_reward") else "")
+                   group="ppo/rewards" if name in ("objective/scores", "objective/gold_reward") else "",
+                   key=name == "objective/scores", **PPO.METRIC_WORDS[name])
     live = {"1 SFT": M.distinct_models(setup.sft), "2 reward model": M.distinct_models(setup.reward_model),
             "3 PPO": M.distinct_models(*wiring.models.values())}
     ctx.table("Stages: data flow and model roles",

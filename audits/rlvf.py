@@ -225,16 +225,29 @@ def grpo_with_verifier_reward_raises_logic_accuracy(closed_loop):
                    f"{a.accuracy:.3f} -> {b.accuracy:.3f} (close pairs {close}), {len(closed_loop.history)} GRPO steps")
 
 
+ACCURACY = "accuracy (fraction of sampled answers)"
+CURVES = {
+    "reward": dict(label="verifier reward", y_label="reward per answer"),
+    "reward_std": dict(label="reward spread within a group", y_label="reward std within a group"),
+    "frac_reward_zero_std": dict(label="groups with all-equal rewards", y_label="groups without signal (fraction)"),
+    "kl": dict(label=r"KL to the reference ($k_3$)", y_label="KL per token (nats)"),
+    "entropy": dict(label="policy entropy", y_label="entropy per token (nats)"),
+    "eval/accuracy": dict(label="all logic problems", y_label=ACCURACY, key=True, title="Logic accuracy"),
+    "eval/accuracy_hard": dict(label="close pairs (within 2)", y_label=ACCURACY),
+}
+
+
 @rlvf.report
 def curves(ctx, closed_loop, completions):
-    ctx.series("warmup/loss", [h["loss"] for h in closed_loop.warmup], x_label="warm-up step")
+    ctx.series("warmup/loss", [h["loss"] for h in closed_loop.warmup], x_label="warm-up step",
+               label="warm-up loss (supervised)", y_label="loss per answer token (nats)")
     for name in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy"):
-        ctx.series(name, [h[name] for h in closed_loop.history], x_label="GRPO step")
+        ctx.series(name, [h[name] for h in closed_loop.history], x_label="GRPO step", **CURVES[name])
     steps = [e.step for e in closed_loop.evals]
     ctx.series("eval/accuracy", [e.accuracy for e in closed_loop.evals], steps, x_label="GRPO step",
-               group="eval/accuracy")
+               group="eval/accuracy", **CURVES["eval/accuracy"])
     ctx.series("eval/accuracy_hard", [e.accuracy_by_difficulty[1] for e in closed_loop.evals], steps,
-               x_label="GRPO step", group="eval/accuracy")
+               x_label="GRPO step", group="eval/accuracy", **CURVES["eval/accuracy_hard"])
     ctx.scalar("logic accuracy: SFT policy", closed_loop.start.accuracy)
     ctx.scalar("logic accuracy: after GRPO", closed_loop.end.accuracy)
     ctx.scalar("logic accuracy on close pairs: SFT policy", closed_loop.start.accuracy_by_difficulty[1])

@@ -187,11 +187,15 @@ def curves(ctx, trained):
     data = trained.data
     ctx.scalar("vocab_size", data.tok.vocab_size)
     ctx.scalar("sft_prompts / held_out_prompts", f"{len(data.sft_facts)} / {len(data.held_out_facts)}")
-    ctx.series("pretrain/loss", [h["loss"] for h in trained.pretrain_history])
-    ctx.series("train/loss", [h["loss"] for h in trained.sft_history], range(1, len(trained.sft_history) + 1))
+    ctx.series("pretrain/loss", [h["loss"] for h in trained.pretrain_history], x_label="pre-training step",
+               label="pre-training loss (raw text)", y_label="loss per token (nats)")
+    ctx.series("train/loss", [h["loss"] for h in trained.sft_history], range(1, len(trained.sft_history) + 1),
+               x_label="SFT step", label="SFT loss (reply tokens only)", y_label="loss per reply token (nats)")
     steps = [e[0] for e in trained.evals]
-    ctx.series("eval/loss", [e[1] for e in trained.evals], steps)
-    ctx.series("eval/exact_match", [e[2] for e in trained.evals], steps, smooth=False)
+    ctx.series("eval/loss", [e[1] for e in trained.evals], steps, x_label="SFT step",
+               label="held-out SFT loss", y_label="loss per reply token (nats)")
+    ctx.series("eval/exact_match", [e[2] for e in trained.evals], steps, smooth=False, x_label="SFT step", key=True,
+               label="held-out exact match", y_label="replies exactly right (fraction)")
     ctx.scalar("pretrained raw-text accuracy", trained.raw_accuracy)
     ctx.scalar("pretrained chat exact match", trained.base_exact_match)
     ctx.scalar("pretrained chat format rate", trained.base_format_rate)

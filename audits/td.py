@@ -294,22 +294,30 @@ def sarsa_online_return_beats_q_learning(cfg, cliff):
     return measure(sarsa - q, f"SARSA {sarsa.item():.1f} vs Q-learning {q.item():.1f}")
 
 
+WORDS = {"q_learning": "Q-learning", "sarsa": "SARSA", "expected_sarsa": "Expected SARSA"}
+
+
 @td.report
 def curves(ctx, cfg, td0, q_star_run, cliff):
-    for name, err in (("mean_of_learners", td0.mean_error), ("single_learner", td0.single_error)):
+    for name, err, words in (("mean_of_learners", td0.mean_error, "mean of the learners"),
+                             ("single_learner", td0.single_error, "one learner (average)")):
         ctx.series(f"losses/td0_value_error/{name}", err, td0.checkpoints, x_label="transitions per learner",
-                   group="losses/td0_value_error")
+                   group="losses/td0_value_error", label=words, y_label=r"$\max_s |V(s) - V^\pi(s)|$ (return units)",
+                   title=r"TD(0) value error against $V^\pi$")
     ctx.scalar("td0 error (mean of learners)", td0.mean_error[-1])
     ctx.scalar("td0 error (one learner)", td0.single_error[-1])
     ctx.series("losses/q_star_error_log10", q_star_run.error.clamp_min(1e-300).log10(), q_star_run.checkpoints,
-               x_label="updates per agent", smooth=False)
+               x_label="updates per agent", smooth=False, label=r"Q-learning error to $Q^*$",
+               y_label=r"$\log_{10} \max_{s,a} |Q(s,a) - Q^*(s,a)|$")
     ctx.scalar("q-learning sup error to Q*", q_star_run.error[-1])
     run, paths = cliff
     shown = int(torch.stack([run.episodes[name].min() for name in M.ALGORITHMS]).min())  # every agent finished
     for name in M.ALGORITHMS:
         if shown > 0:
             ctx.series(f"charts/episodic_return/{name}", run.returns[name][:, :shown].mean(0),
-                       torch.arange(1, shown + 1), x_label="episode", group="charts/episodic_return")
+                       torch.arange(1, shown + 1), x_label="episode", group="charts/episodic_return",
+                       label=WORDS[name], y_label="return per episode (mean over agents)", key=name == "sarsa",
+                       title="CliffWalking: online return while learning")
         ctx.scalar(f"online return, last {cfg.tail_episodes} episodes, median agent ({name})",
                    _median_online_return(cfg, run, name))
         ret, reached = paths[name][0], paths[name][1]

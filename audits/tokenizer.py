@@ -222,7 +222,8 @@ def bytes_per_token_rises_with_vocab_size(ctx, cfg, trained, corpus, merge_pair)
     cheaper attention."""
     tok = T.Tokenizer(trained.tokenizer.merges, trained.tokenizer.special_tokens, merge=merge_pair)
     sizes, bpt = T.compression_curve(tok, corpus.heldout, cfg.curve_points)
-    ctx.series("tokenizer/bytes_per_token", bpt, sizes, x_label="vocab size", smooth=False)
+    ctx.series("tokenizer/bytes_per_token", bpt, sizes, x_label="vocabulary size (tokens)", smooth=False, key=True,
+               label="compression of held-out text", y_label="bytes per token")
     ctx.scalar("bytes_per_token_heldout", round(bpt[-1], 4))
     return measure({"at_full_vocab": bpt[-1], "smallest_step": [b - a for a, b in zip(bpt, bpt[1:])]},
                    f"{bpt[0]:.2f} -> {bpt[-1]:.2f} bytes/token (V {sizes[0]} -> {sizes[-1]})")

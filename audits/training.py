@@ -127,7 +127,8 @@ def lr_schedule_hits_endpoints(cosine_schedule):
 def lr_schedule_is_monotone_in_each_phase(cosine_schedule, ctx):
     """The learning rate only rises during warmup and only falls afterwards: no restart mid-run."""
     lrs = [cosine_schedule(s, S, W, HI, LO) for s in range(S + 11)]
-    ctx.series("schedule/learning_rate", lrs, x_label="optimizer step", smooth=False)
+    ctx.series("schedule/learning_rate", lrs, x_label="optimizer step", smooth=False,
+               label="learning rate: linear warmup, cosine decay", y_label="learning rate")
     rising = sum(not b > a for a, b in zip(lrs[:W], lrs[1:W + 1]))  # "not >" also counts a NaN
     falling = sum(not b <= a for a, b in zip(lrs[W:], lrs[W + 1:]))
     against = rising + falling
@@ -295,9 +296,12 @@ def resume_from_checkpoint_is_bit_identical(adamw_step, cosine_schedule, clip_gr
 def markov(cfg, ctx, g, adamw_step, cosine_schedule, clip_grad_global_norm):
     """M.run: the tiny Llama trained on a random chain with the three kernels, then scored on fresh sequences."""
     def on_step(step: int, record: dict) -> None:
-        ctx.log("train/loss", record["loss"], step)
-        ctx.log("train/learning_rate", record["lr"], step)
-        ctx.log("train/grad_norm", record["grad_norm"], step)
+        ctx.log("train/loss", record["loss"], step, x_label="optimizer step", key=True,
+                label="training loss (the Markov chain)", y_label="loss per token (nats)")
+        ctx.log("train/learning_rate", record["lr"], step, x_label="optimizer step", smooth=False,
+                label="learning rate", y_label="learning rate (AdamW step size)")
+        ctx.log("train/grad_norm", record["grad_norm"], step, x_label="optimizer step",
+                label="gradient norm before clipping", y_label="gradient L2 norm")
         ctx.progress(step + 1, cfg.steps)
 
     model = Transformer(_model_config(cfg), generator=g)

@@ -183,7 +183,8 @@ def kv_cache_matches_full_recompute(sharp_model, cfg, ctx, g):
     with torch.no_grad():
         full = sharp_model(seq[:, :-1])[:, prompt.shape[1] - 1:]  # the logits that predicted each new token
     per_step = (step_logits - full).abs().amax(dim=(0, 2))
-    ctx.series("kv_cache/max_abs_diff_vs_recompute", per_step, x_label="decode step", smooth=False)
+    ctx.series("kv_cache/max_abs_diff_vs_recompute", per_step, x_label="decode step", smooth=False,
+               label="KV cache against full recompute", y_label="max abs logit difference")
     return measure(per_step, f"{cfg.decode_steps} decode steps")
 
 
@@ -291,7 +292,8 @@ def top_p_keeps_smallest_nucleus(top_p_filter, logit_rows, ctx):
         kept_min = probs.masked_fill(~kept, float("inf")).amin(-1)
         bad += int(((mass < p - 1e-12) | (mass - kept_min >= p + 1e-12) | _kept_rows_wrong(rows, out, kept)).sum())
         sizes.append(kept.sum(-1).double().mean().item())
-    ctx.series("sampling/top_p_nucleus_size", sizes, x=list(ps), x_label="p", smooth=False)
+    ctx.series("sampling/top_p_nucleus_size", sizes, x=list(ps), x_label="top-p threshold p", smooth=False,
+               label="nucleus size", y_label="tokens kept (mean per row)")
     return measure(bad, f"bad rows of {len(ps) * rows.shape[0]}")
 
 
@@ -328,8 +330,8 @@ def temperature_to_zero_is_greedy(sharp_model, logit_rows, ctx, g):
     greedy = gapped.argmax(-1)
     temps = (2.0, 1.0, 0.5, 0.2, 0.1, 0.03, 0.01, 1e-3, 1e-4)
     off = [int((M.sample_next_token(gapped, temperature=t, generator=g) != greedy).sum()) for t in temps]
-    ctx.series("sampling/argmax_rate", [1 - o / len(gapped) for o in off], x=list(temps), x_label="temperature",
-               smooth=False)
+    ctx.series("sampling/argmax_rate", [1 - o / len(gapped) for o in off], x=list(temps), x_label="temperature T",
+               smooth=False, label="draws equal to the argmax", y_label="argmax draws (fraction)")
     prompt = torch.randint(0, sharp_model.cfg.vocab_size, (4, 8), generator=g)
     cold = M.generate(sharp_model, prompt, 32, temperature=1e-6, generator=g)
     differ = int((M.generate(sharp_model, prompt, 32) != cold).sum())
@@ -401,9 +403,12 @@ def flop_count_matches_closed_form(cfg, g):
 def reversal(cfg, ctx, g, rms_norm, apply_rope):
     """M.run: the model trained on reversal with our AdamW + warmup-cosine + clipping, then scored."""
     def on_step(step: int, record: dict) -> None:
-        ctx.log("train/loss", record["loss"], step)
-        ctx.log("train/learning_rate", record["lr"], step)
-        ctx.log("train/grad_norm", record["grad_norm"], step)
+        ctx.log("train/loss", record["loss"], step, x_label="optimizer step", key=True,
+                label="training loss (reversal)", y_label="loss per token (nats)")
+        ctx.log("train/learning_rate", record["lr"], step, x_label="optimizer step", smooth=False,
+                label="learning rate", y_label="learning rate (AdamW step size)")
+        ctx.log("train/grad_norm", record["grad_norm"], step, x_label="optimizer step",
+                label="gradient norm before clipping", y_label="gradient L2 norm")
         ctx.progress(step + 1, cfg.steps)
 
     return M.run(cfg, g, rms_norm=rms_norm, apply_rope=apply_rope, on_step=on_step)

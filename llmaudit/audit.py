@@ -386,9 +386,15 @@ class Series:
     name: str  # the metric name, e.g. "objective/kl"
     x: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
-    x_label: str = "step"
+    x_label: str = "step"  # the x axis in words, with its unit ("PPO iteration", "sequence length N (tokens)")
     group: str = ""  # plot key; defaults to the name
     smooth: bool = True  # draw an EMA over the raw points (off for sweeps over a parameter)
+    label: str = ""  # the curve in words for legends ("KL to the SFT policy"); default: the name
+    y_label: str = ""  # the y axis in words with its unit ("KL (nats)"); curves of one group with
+    #                    different y labels are drawn on different axes (twin axes or panels)
+    title: str = ""  # the plot's title in words (for a group, the first member's that has one)
+    key: bool = False  # the curve a one-page brief shows for this module
+    ticks: list[str] = field(default_factory=list)  # names of the x positions 0..n-1: drawn as bars
 
     @property
     def plot_key(self) -> str:
@@ -396,12 +402,15 @@ class Series:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "x": self.x, "y": self.y, "x_label": self.x_label,
-                "group": self.group, "smooth": self.smooth}
+                "group": self.group, "smooth": self.smooth, "label": self.label, "y_label": self.y_label,
+                "title": self.title, "key": self.key, "ticks": self.ticks}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Series:
         return cls(name=d["name"], x=list(d["x"]), y=list(d["y"]), x_label=d.get("x_label", "step"),
-                   group=d.get("group", ""), smooth=bool(d.get("smooth", True)))
+                   group=d.get("group", ""), smooth=bool(d.get("smooth", True)), label=d.get("label", ""),
+                   y_label=d.get("y_label", ""), title=d.get("title", ""), key=bool(d.get("key", False)),
+                   ticks=list(d.get("ticks", [])))
 
 
 @dataclass
@@ -502,13 +511,17 @@ class Context:
         s.y.append(_finite_or_nan(value))
 
     def series(self, name: str, y: Any, x: Any = None, *, x_label: str = "step", group: str = "",
-               smooth: bool = True) -> None:
-        """Record a whole curve at once (a tensor, array or list)."""
+               smooth: bool = True, label: str = "", y_label: str = "", title: str = "", key: bool = False,
+               ticks: list[str] | None = None) -> None:
+        """Record a whole curve at once (a tensor, array or list). ``label`` names it in words,
+        ``y_label`` gives its axis with the unit; ``key=True`` marks the curve a brief shows; ``ticks``
+        names categories (x = 0..n-1), drawn as bars."""
         ys = [_finite_or_nan(v) for v in _as_list(y)]
         xs = [float(v) for v in _as_list(x)] if x is not None else [float(i) for i in range(len(ys))]
         if len(xs) != len(ys):
             raise ValueError(f"series {name!r}: {len(xs)} x values for {len(ys)} y values")
-        self.result.series[name] = Series(name, xs, ys, x_label, group, smooth)
+        self.result.series[name] = Series(name, xs, ys, x_label, group, smooth, label, y_label, title, key,
+                                          list(ticks or []))
 
     def scalar(self, name: str, value: Any, *, timed: bool = False) -> None:
         """A headline number (or short string) shown at the top of the report; ``timed=True`` for a

@@ -243,7 +243,7 @@ def test_audit_passes_toy():
     assert result.passed, failed
     kinds = {c.kind for c in result.checks}
     assert kinds == {"invariant", "outcome"}
-    assert result.series["advantage/variance"].x_label == "lambda"
+    assert result.series["advantage/variance"].x_label == r"GAE $\lambda$"
 
 
 @pytest.mark.parametrize("seed", [0, 1])

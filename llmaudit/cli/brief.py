@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from llmaudit.cli.common import (DEFAULT_OUT, EnvironmentProblem, JsonOpt, UsageError, emit_json, err, errors, out,
-                                 writable_dir)
+                                 progress_bar, writable_dir)
 from llmaudit.cli.doctor import APT_FONT, cjk_fonts
 from llmaudit.cli.learn import LangOpt, resolve_lang
 
@@ -18,6 +18,11 @@ app = typer.Typer()
 
 PIP_PDF = "pip install 'llmaudit[pdf]'"
 APT_PANGO = "sudo apt-get install -y libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0"
+
+
+PDF_CARDS_SHARE = 0.35
+PDF_STAGES = {"layout": (PDF_CARDS_SHARE, "brief: laying out the PDF pages"),
+              "write": (0.65, "brief: writing the PDF (fonts, images)")}
 
 
 class Format(str, Enum):
@@ -78,22 +83,29 @@ def brief(
         from llmaudit.learn.load import ContentError, content
         from llmaudit.record import latest_records
 
-        try:
-            c = content()
-        except ContentError as exc:
-            raise EnvironmentProblem(f"the shipped card content is invalid (please report this):\n{exc}") from None
-        try:
-            selection = briefs.select(c, module=module, day=day)
-        except briefs.BriefError as exc:
-            raise UsageError(str(exc)) from None
-        path = out_path or briefs.default_path(reports, selection, lang, fmt.value)
-        writable_dir(path.parent, "--out" if out_path else "--reports")
-        latest, warnings = latest_records(reports / "runs")
-        records = {m: rec for m, (_, rec) in latest.items()}
-        ctx = briefs.build_context(c, selection, lang, records)
-        if fmt is Format.pdf and (lang == "zh" or briefs.has_cjk(briefs.render_html(ctx))):
-            _require_cjk_font()
-        written = briefs.write(ctx, fmt.value, path)
+        # Cost-weighted shares of the bar: with 17 run records, the cards (formulas, plots) take about a
+        # third of a PDF booklet, WeasyPrint's layout and writing the rest; md and html are the cards alone.
+        cards_share = PDF_CARDS_SHARE if fmt is Format.pdf else 1.0
+        with progress_bar(json_mode) as bar:
+            task = bar.add_task("brief: reading the cards and run records", total=1.0)
+            try:
+                c = content()
+            except ContentError as exc:
+                raise EnvironmentProblem(f"the shipped card content is invalid (please report this):\n{exc}") from None
+            try:
+                selection = briefs.select(c, module=module, day=day)
+            except briefs.BriefError as exc:
+                raise UsageError(str(exc)) from None
+            latest, warnings = latest_records(reports / "runs")
+            records = {m: rec for m, (_, rec) in latest.items()}
+            ctx = briefs.build_context(c, selection, lang, records, on_card=lambda done, n, name: bar.update(
+                task, completed=cards_share * done / n, description=f"brief: {name} ({done}/{n} cards)"))
+            path = out_path or briefs.default_path(reports, selection, lang, fmt.value)
+            writable_dir(path.parent, "--out" if out_path else "--reports")
+            if fmt is Format.pdf and (lang == "zh" or briefs.has_cjk(briefs.render_html(ctx))):
+                _require_cjk_font()
+            written = briefs.write(ctx, fmt.value, path, on_stage=lambda stage: bar.update(
+                task, completed=PDF_STAGES[stage][0], description=PDF_STAGES[stage][1]))
     elapsed = time.perf_counter() - start
     for w in warnings:
         err().print(f"[yellow]warning:[/] skipped {escape(w)}", soft_wrap=True)

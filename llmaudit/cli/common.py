@@ -17,7 +17,9 @@ from typing import Annotated, Any, Iterator
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn,
+                           TimeElapsedColumn)
+from rich.text import Text
 
 from llmaudit.config import ConfigError
 from llmaudit.record import RecordError
@@ -94,10 +96,22 @@ def errors(json_mode: bool = False) -> Iterator[None]:
         raise typer.Exit(code)
 
 
+class AmountColumn(ProgressColumn):
+    """How far the task is, in the units the bar moves in: "3/17" for a count of items (modules,
+    seeds), "47%" for a task measured as a fraction of its work (total 1, cost-weighted)."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("")
+        if task.total <= 1:
+            return Text(f"{task.percentage:3.0f}%", style="progress.percentage")
+        return Text(f"{int(task.completed)}/{int(task.total)}", style="progress.download")
+
+
 def progress_bar(json_mode: bool) -> Progress:
     """A transient progress bar on stderr, off for --json and when stderr is not a terminal."""
     console = err()
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), AmountColumn(),
                     TimeElapsedColumn(), console=console, transient=True, redirect_stdout=False,
                     redirect_stderr=False, disable=json_mode or not console.is_terminal)
 

@@ -84,7 +84,9 @@ def _run_session(queue, c, store, *, lang: str, cram: bool, days_left: int | Non
         else:
             console.print(f"[green]{msg}[/] · see [bold]llmaudit progress[/]")
         return
-    show = (lambda text: err().print(text, soft_wrap=True)) if json_mode else (lambda text: console.print(text, soft_wrap=True))
+    # rich wraps at spaces (and between CJK characters) to the terminal's width; soft_wrap would leave the
+    # wrapping to the terminal, which cuts words in half
+    show = (lambda text: err().print(text)) if json_mode else (lambda text: console.print(text))
 
     def ask(prompt: str) -> str:
         (err() if json_mode else console).print(prompt, end="", markup=False, highlight=False)
@@ -109,8 +111,7 @@ def _run_session(queue, c, store, *, lang: str, cram: bool, days_left: int | Non
                       + (f" · {right}/{len(graded)} graded correct" if graded else "")
                       + " · " + " ".join(f"{k} {v}" for k, v in counts.items())
                       + (f" · {len(summary.skipped)} skipped (module not built yet)" if summary.skipped else "")
-                      + ("" if summary.ended_by == "done" else f" · stopped ({summary.ended_by}), answers saved"),
-                      soft_wrap=True)
+                      + ("" if summary.ended_by == "done" else f" · stopped ({summary.ended_by}), answers saved"))
     if summary.ended_by == "interrupt":
         raise typer.Exit(INTERRUPTED)
 

@@ -45,16 +45,28 @@ def list_modules(out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> N
     if json_mode:
         emit_json("llmaudit.list/v1", {"modules": rows})
         return
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("day", "module", "title", "kernels", "latest"):
-        table.add_column(col, overflow="fold")
+    console = out()
+    latest_txt = {r["name"]: "[dim]not run[/]" if not r["latest"] else
+                  f"{mark(r['latest']['passed'])} {r['latest']['checks_passed']}/{r['latest']['checks']} "
+                  f"{r['latest']['mode']} {r['latest']['created'][:10]}" for r in rows}
+    if console.width >= 150:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        table.add_column("day")
+        table.add_column("module", no_wrap=True)
+        table.add_column("title", overflow="fold", ratio=1)
+        longest = max((len(k) for r in rows for k in r["kernels"]), default=8)
+        table.add_column("kernels", min_width=longest + 1, ratio=1)  # wraps between names, never inside one
+        table.add_column("latest", no_wrap=True)
+        for r in rows:
+            table.add_row(str(r["day"] or ""), r["name"], escape(r["title"]), ", ".join(r["kernels"]),
+                          latest_txt[r["name"]])
+        console.print(table)
+        return
+    # narrower terminals: one block per module; the kernel list wraps only between names
     for r in rows:
-        latest_txt = "[dim]not run[/]"
-        if r["latest"]:
-            lt = r["latest"]
-            latest_txt = f"{mark(lt['passed'])} {lt['checks_passed']}/{lt['checks']} {lt['mode']} {lt['created'][:10]}"
-        table.add_row(str(r["day"] or ""), r["name"], r["title"], ", ".join(r["kernels"]), latest_txt)
-    out().print(table)
+        console.print(f"[bold]{r['day'] or '':>2}  {r['name']}[/]  {latest_txt[r['name']]}")
+        body = escape(r["title"]) + (f"\n[dim]kernels:[/] {', '.join(r['kernels'])}" if r["kernels"] else "")
+        console.print(Padding(body, (0, 0, 0, 4), expand=False))
 
 
 def _render_all(records: list[RunRecord], out_dir: Path) -> dict[str, dict[str, Path]]:
@@ -129,6 +141,18 @@ def smoke(
     raise typer.Exit(OK if ok else FAILED)
 
 
+def measured_by_seed(c) -> str:
+    """What a check measured, labelled by seed when seeds differ ("seed 0: 0.12 · seed 2 ✗: 11.2"),
+    followed by the seeds it failed on, so a multi-seed run says which seed broke it."""
+    if len(c.seeds) <= 1 or len(set(c.texts)) <= 1:
+        text = c.measured_text
+    else:
+        text = " · ".join(f"seed {s}{' ✗' if s in c.failed_seeds else ''}: {t}" for s, t in zip(c.seeds, c.texts))
+    if c.failed_seeds and len(set(c.seeds) | set(c.failed_seeds)) > 1:
+        text += f" (fails on seed{'s' * (len(c.failed_seeds) > 1)} {', '.join(map(str, c.failed_seeds))})"
+    return text
+
+
 def print_record(rec: RunRecord, explain: bool = False) -> None:
     """The checks table and headline scalars of a run (shared by ``audit`` and ``check``)."""
     console = out()
@@ -141,14 +165,14 @@ def print_record(rec: RunRecord, explain: bool = False) -> None:
         table.add_column("margin", justify="right")
         table.add_column("why", overflow="fold", ratio=1)
         for c in rec.checks:
-            table.add_row(mark(c.passed), c.name, escape(c.measured_text), escape(c.expected), c.margin_text,
+            table.add_row(mark(c.passed), c.name, escape(measured_by_seed(c)), escape(c.expected), c.margin_text,
                           f"[dim]{escape(c.why)}[/]")
         console.print(table)
     else:  # narrow terminals: one block per check instead of a table squeezed into columns
         for c in rec.checks:
             console.print(f"{mark(c.passed)} [bold]{c.name}[/]  [dim]({c.kind})[/]")
             why = "" if explain else f"\n[dim]{escape(c.why)}[/]"  # `check` explains the failures below
-            measured = c.measured_text if c.errors else f"measured {c.measured_text}"
+            measured = measured_by_seed(c) if c.errors else f"measured {measured_by_seed(c)}"
             console.print(Padding(f"{escape(measured)}  ·  expected {escape(c.expected)}"
                                   f"  ·  margin {c.margin_text}{why}", (0, 0, 0, 4), expand=False))
     scalars = rec.scalars()
@@ -158,9 +182,11 @@ def print_record(rec: RunRecord, explain: bool = False) -> None:
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold")
         grid.add_column(overflow="fold")
-        for k, vs in scalars.items():
-            texts = [format_measured(v) for v in vs]
-            grid.add_row(escape(k), escape(texts[0] if len(set(texts)) == 1 else " / ".join(texts)))
+        for k in scalars:
+            per_seed = [(r.seed, format_measured(r.scalars[k])) for r in rec.results if k in r.scalars]
+            texts = {t for _, t in per_seed}
+            grid.add_row(escape(k), escape(per_seed[0][1] if len(texts) == 1 and len(per_seed) == len(rec.results)
+                                           else " · ".join(f"seed {s}: {t}" for s, t in per_seed)))
         console.print("[bold]headline[/]" + (f" [dim](seeds {', '.join(map(str, rec.seeds))})[/]" if len(rec.seeds) > 1 else ""))
         console.print(Padding(grid, (0, 0, 0, 2)))
     for seed, e in rec.errors:
@@ -222,7 +248,10 @@ def audit(
                     f" · {rec.elapsed_s:.1f} s")
         print_record(rec)
         colour = "green" if rec.passed else "red"
-        out().print(f"[bold {colour}]{rec.headline}[/] · report: {paths['markdown']}"
+        failing = sorted({s for c in rec.checks for s in c.failed_seeds} | {s for s, _ in rec.errors})
+        seeds_txt = (f" · [red]failed on seed{'s' * (len(failing) > 1)} {', '.join(map(str, failing))}[/]"
+                     if failing and len(rec.seeds) > 1 else "")
+        out().print(f"[bold {colour}]{rec.headline}[/]{seeds_txt} · report: {paths['markdown']}"
                     f"  ({paths['html']})", soft_wrap=True)
     raise typer.Exit(OK if rec.passed else FAILED)
 
@@ -327,7 +356,10 @@ def sweep(
             console.print(f"[bold]{s['module']}[/] · {len(seed_list)} seeds · {s['seconds']['cpu_mean']:.1f} s CPU "
                           f"({s['seconds']['mean']:.1f} s wall) per seed")
             rows = [(mark(c["passed"] == c["n"]), c["name"] + ("" if c["meets_goal"] else " [yellow]⚠[/]"), c["kind"],
-                     f"{c['passed']}/{c['n']}", margin_text(c["worst_margin"]), escape(measured_range_text(c)),
+                     f"{c['passed']}/{c['n']}" + (f" [red](fails on seed{'s' * (len(c['failed_seeds']) > 1)} "
+                                                  f"{', '.join(map(str, c['failed_seeds']))})[/]"
+                                                  if c["failed_seeds"] else ""),
+                     margin_text(c["worst_margin"]), escape(measured_range_text(c)),
                      escape(c["expected"])) for c in s["checks"]]
             if console.width >= 150:
                 table = Table(box=None, pad_edge=False, header_style="bold")

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from llmaudit import __version__
 from llmaudit.learn.load import Content
@@ -153,15 +153,16 @@ def _attr(text: str) -> str:
 
 
 def key_plot(record: RunRecord) -> tuple[str, bytes] | None:
-    """The one curve a brief shows: a closed-loop learning curve (``charts/...``) if the audit logged
-    one, else the first plot it recorded."""
-    from llmaudit.report.plots import group_series, plot_png
+    """The one curve a brief shows, over every seed: the plot holding the series the audit marked as
+    its key curve (``key=True``), else a closed-loop learning curve (``charts/...``), else the first."""
+    from llmaudit.report.plots import group_runs, plot_png, plot_title
 
     if not record.results or not record.results[0].series:
         return None
-    groups = group_series(record.results[0].series)
-    key = next((k for k in groups if k.startswith("charts/")), next(iter(groups)))
-    return key, plot_png(key, groups[key], dpi=150)
+    groups = group_runs(record.results)
+    marked = [k for k, runs in groups.items() if any(s.key for s in runs[0][1])]
+    key = (marked or [k for k in groups if k.startswith("charts/")] or list(groups))[0]
+    return plot_title(key, groups[key][0][1]), plot_png(key, groups[key], dpi=150)
 
 
 def audit_summary(record: RunRecord) -> dict[str, Any]:
@@ -208,14 +209,20 @@ def _ref_href(ref: str) -> str | None:
 
 
 def build_context(content: Content, selection: Selection, lang: str,
-                  records: dict[str, RunRecord] | None = None, *, now: datetime | None = None) -> dict[str, Any]:
-    """Everything the templates need, already in ``lang``; ``records`` maps module -> latest run."""
+                  records: dict[str, RunRecord] | None = None, *, now: datetime | None = None,
+                  on_card: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Everything the templates need, already in ``lang``; ``records`` maps module -> latest run.
+    ``on_card(done, total, module)`` is called as each card is ready (formulas and plot drawn)."""
     if lang not in LANGS:
         raise BriefError(f"language must be one of {', '.join(LANGS)}, got {lang!r}")
     records = records or {}
     L = LABELS[lang]
     by_day = {d.day: d for d in content.roadmap.days}
-    cards = [_card_context(c, lang, by_day.get(c.day), records.get(c.module)) for c in selection.cards]
+    cards = []
+    for c in selection.cards:
+        cards.append(_card_context(c, lang, by_day.get(c.day), records.get(c.module)))
+        if on_card is not None:
+            on_card(len(cards), len(selection.cards), c.module)
     toc = [{"day": d.day, "title": d.title.get(lang), "must_explain": d.must_explain.get(lang), "bonus": d.bonus,
             "modules": [{"module": m, "title": content.cards[m].title.get(lang)} for m in d.modules]}
            for d in selection.days]
@@ -321,15 +328,19 @@ def _subset_with_fonttools_when_harfbuzz_fails() -> Iterator[None]:
         Font._harfbuzz_subset = harfbuzz_subset
 
 
-def render_pdf(html: str, base_url: str | None = None) -> PdfResult:
-    """Lay the HTML out with WeasyPrint (print CSS: A4, page numbers) and return the PDF bytes."""
+def render_pdf(html: str, base_url: str | None = None, on_stage: Callable[[str], None] | None = None) -> PdfResult:
+    """Lay the HTML out with WeasyPrint (print CSS: A4, page numbers) and return the PDF bytes;
+    ``on_stage`` hears "layout" and then "write" (each a large part of the time)."""
     import weasyprint
 
     handler = _Collect()
     logger = logging.getLogger("weasyprint")
     logger.addHandler(handler)
+    stage = on_stage or (lambda name: None)
     try:
+        stage("layout")
         document = weasyprint.HTML(string=html, base_url=base_url).render()
+        stage("write")
         with _subset_with_fonttools_when_harfbuzz_fails():
             data = document.write_pdf()
     finally:
@@ -349,8 +360,9 @@ class Written:
         return self.path.stat().st_size
 
 
-def write(ctx: dict[str, Any], fmt: str, path: Path) -> Written:
-    """Render ``ctx`` as ``fmt`` and write it (and any assets) atomically to ``path``."""
+def write(ctx: dict[str, Any], fmt: str, path: Path, on_stage: Callable[[str], None] | None = None) -> Written:
+    """Render ``ctx`` as ``fmt`` and write it (and any assets) atomically to ``path`` (``on_stage``:
+    see ``render_pdf``)."""
     path = Path(path)
     if fmt == "md":
         text, files = render_markdown(ctx)
@@ -362,7 +374,7 @@ def write(ctx: dict[str, Any], fmt: str, path: Path) -> Written:
         atomic_write(path, html)
         return Written(path, [], None, [])
     if fmt == "pdf":
-        pdf = render_pdf(html, base_url=str(path.parent))
+        pdf = render_pdf(html, base_url=str(path.parent), on_stage=on_stage)
         atomic_write(path, pdf.data)
         return Written(path, [], pdf.pages, pdf.missing_glyphs)
     raise BriefError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -23,7 +23,7 @@ import markupsafe
 from llmaudit.audit import format_measured
 from llmaudit.record import RunRecord, atomic_write, latest_records
 from llmaudit.report.formulas import formula_svg
-from llmaudit.report.plots import group_series, plot_png, slug
+from llmaudit.report.plots import progress_plots, run_plots
 
 
 def _env() -> jinja2.Environment:
@@ -61,13 +61,8 @@ def _scalars(record: RunRecord) -> list[tuple[str, str]]:
 
 
 def _plots(record: RunRecord) -> list[Plot]:
-    """Plots of the first seed's series (every seed records the same metrics)."""
-    if not record.results:
-        return []
-    plots = []
-    for key, members in group_series(record.results[0].series).items():
-        plots.append(Plot(title=key, file=f"plot-{slug(key)}.png", png=plot_png(key, members)))
-    return plots
+    """One plot per plot key, each over every seed of the run."""
+    return [Plot(title, file, png) for title, file, png in run_plots(record.results)]
 
 
 def _context(record: RunRecord) -> dict[str, Any]:
@@ -152,17 +147,7 @@ def render_index(reports: Path, modules: Iterable[tuple[str, int | None, str]] =
 
 def render_progress(progress, reports: Path) -> Path:
     """``reports/progress.html``: reviews per day and mastery per roadmap day (from ``llmaudit progress``)."""
-    from llmaudit.audit import Series
-
-    days = progress.days
-    mastery = Series("mastery/share_of_items", [float(d.day) for d in days], [100 * d.mastery for d in days],
-                     x_label="roadmap day", smooth=False)
-    plots = [Plot("mastery (% of the day's items)", "mastery.png", plot_png("mastery/share_of_items", [mastery]))]
-    if progress.per_date:
-        dates = list(progress.per_date)
-        per = Series("reviews/per_day", [float(i) for i in range(len(dates))], [float(v) for v in progress.per_date.values()],
-                     x_label=f"day ({dates[0]} .. {dates[-1]})", smooth=False)
-        plots.insert(0, Plot("reviews per day", "reviews.png", plot_png("reviews/per_day", [per])))
+    plots = [Plot(title, file, png) for title, file, png in progress_plots(progress)]
     html = _env().get_template("progress.html.j2").render(p=progress, plots=plots)
     return atomic_write(Path(reports) / "progress.html", html)
 

@@ -384,6 +384,25 @@ def _metrics(ro: Rollout, seq_kl: torch.Tensor, beta: float, stats: dict, eos_id
     }
 
 
+# What the metrics of a history record mean, in words, and the unit of their axis (for plots).
+METRIC_WORDS = {
+    "objective/kl": dict(label="KL to the SFT policy", y_label="KL per answer (nats)"),
+    "objective/entropy": dict(label="policy entropy", y_label="entropy per answer (nats)"),
+    "objective/rlhf_reward": dict(label=r"RM score $-\ \beta\cdot$KL", y_label="reward per answer (RM logits)"),
+    "objective/scores": dict(label="reward-model score", y_label="RM score per answer (logits)"),
+    "objective/scores_std": dict(label="spread of the RM scores", y_label="RM score std (logits)"),
+    "objective/gold_reward": dict(label="gold reward", y_label="gold reward (targets per answer)"),
+    "objective/kl_coef": dict(label=r"KL coefficient $\beta$", y_label=r"$\beta$ (reward per nat)"),
+    "policy/approxkl_avg": dict(label="approximate KL, new policy to old", y_label="KL per token (nats)"),
+    "policy/clipfrac_avg": dict(label="share of tokens clipped", y_label="clipped (fraction of tokens)"),
+    "loss/policy_avg": dict(label="policy loss (clipped surrogate)", y_label="loss (advantage units)"),
+    "loss/value_avg": dict(label="value loss (clipped)", y_label=r"squared error (reward$^2$)"),
+    "val/ratio": dict(label=r"probability ratio $\pi_\theta / \pi_{old}$", y_label="mean ratio (1 = unchanged)"),
+    "val/clipfrac_avg": dict(label="share of values clipped", y_label="clipped (fraction of tokens)"),
+    "response_length": dict(label="answer length", y_label="tokens per answer"),
+}
+
+
 def train_ppo(policy: Transformer, reference: Transformer, critic: Transformer, reward_fn: Callable,
               prompts_fn: Callable[[int, torch.Generator], torch.Tensor], cfg: PPOConfig, generator: torch.Generator,
               *, eos_id: int, pad_id: int, iterations: int | None = None, kl_coef: float | None = None,
