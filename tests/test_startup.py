@@ -92,3 +92,33 @@ def test_an_edited_file_is_parsed_again(tmp_path):
     path.write_text("day: [22\n", encoding="utf-8")
     with pytest.raises(load.ContentError, match=r"day01.yaml:\d+: not valid YAML"):
         load.parse(path, Day)
+
+
+def test_content_is_kept_between_processes_until_a_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMAUDIT_HOME", str(tmp_path))
+    parses = []
+    real = load.load_content
+    monkeypatch.setattr(load, "load_content", lambda *a, **kw: parses.append(1) or real(*a, **kw))
+    load.content.cache_clear()
+    first = load.content()
+    assert len(parses) == 1 and len(list((tmp_path / "cache").glob("content-*.pickle"))) == 1
+
+    load.content.cache_clear()  # a new process: nothing in memory
+    again = load.content()
+    assert len(parses) == 1 and again == first and again is not first
+
+    import shutil
+
+    shutil.copytree(load.CONTENT, tmp_path / "content")
+    monkeypatch.setattr(load, "CONTENT", tmp_path / "content")  # a card edited: parsed again
+    card = tmp_path / "content" / "cards" / "gae.yaml"
+    card.write_text(card.read_text(encoding="utf-8").replace("GAE", "GAE (edited)", 1), encoding="utf-8")
+    load.content.cache_clear()
+    edited = load.content()
+    assert len(parses) == 2 and edited != first
+    assert len(list((tmp_path / "cache").glob("content-*.pickle"))) == 1  # the stale one is gone
+
+    (next((tmp_path / "cache").glob("content-*.pickle"))).write_bytes(b"not a pickle")
+    load.content.cache_clear()
+    assert load.content() == edited and len(parses) == 3  # a corrupt cache is parsed over
+    load.content.cache_clear()
