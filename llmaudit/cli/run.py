@@ -228,34 +228,45 @@ def audit(
 
 
 @app.command()
-def report(out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> None:
-    """Rebuild every run's report.md / report.html and reports/index.html from the saved run records.
+def report(
+    out_dir: OutOpt = DEFAULT_OUT,
+    force: Annotated[bool, typer.Option("--force", help="Re-render every page, even those already up to date.")] = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Rebuild the run pages (report.md / report.html) and reports/index.html from the saved run records.
 
-    Nothing is re-run. Unreadable records are skipped with a warning.
+    Nothing is re-run. A page is rendered again only when its record or the renderer changed since
+    (a stamp beside it says what it was made from); --force renders them all. Unreadable records are
+    skipped with a warning.
 
     Example: llmaudit report --out reports
     """
     from llmaudit.record import RecordError
-    from llmaudit.report.render import render_index, render_run
+    from llmaudit.report.render import render_index, render_stale
 
     with errors(json_mode):
         paths = find_records(out_dir / "runs")
-        pages, warnings = [], []
+        pages, rendered, warnings = [], [], []
         with progress_bar(json_mode) as bar:
             for path in bar.track(paths, description="rendering"):
                 try:
-                    rec = RunRecord.load(path)
+                    page, fresh = render_stale(path, out_dir, force=force)
                 except RecordError as exc:
                     warnings.append(str(exc))
                     continue
-                pages.append(str(render_run(rec, out_dir)[1]))
+                pages.append(str(page))
+                if fresh:
+                    rendered.append(str(page))
         index, _ = render_index(out_dir, _module_rows())
     for w in warnings:
         err().print(f"[yellow]warning:[/] skipped {w}")
     if json_mode:
-        emit_json("llmaudit.report/v1", {"ok": True, "index": str(index), "pages": pages, "warnings": warnings})
+        emit_json("llmaudit.report/v1", {"ok": True, "index": str(index), "pages": pages, "rendered": rendered,
+                                         "warnings": warnings})
     else:
-        out().print(f"rendered {len(pages)} run page{'s' * (len(pages) != 1)} · index: {index}")
+        current = len(pages) - len(rendered)
+        out().print(f"rendered {len(rendered)} run page{'s' * (len(rendered) != 1)}"
+                    + (f" ({current} already up to date)" if current else "") + f" · index: {index}")
         if not paths:
             err().print("[dim]no run records yet: run `llmaudit audit <module>` or `llmaudit smoke` first[/]")
 

@@ -6,8 +6,10 @@ Layout under a reports folder (default ``reports/``)::
     runs/<module>/<stem>.json            the run record (written by the runner's caller)
     runs/<module>/<stem>/report.md       + plot-*.png, formula-*.svg beside it
     runs/<module>/<stem>/report.html     images inline (base64 PNG, inline SVG): no network
+    runs/<module>/<stem>/.rendered       stamp: the record and renderer the pages were made from
     index.html                           latest run per module, with pass/fail badges
     smoke/index.{md,html}                the last `llmaudit smoke`
+    .cache/formulas/, .cache/plots/      images by content hash, drawn once (see report/cache.py)
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import jinja2
 import markupsafe
 
 from llmaudit.audit import format_measured
-from llmaudit.record import RunRecord, atomic_write, latest_records
+from llmaudit.record import RecordError, RunRecord, atomic_write, latest_records
+from llmaudit.report import cache
 from llmaudit.report.formulas import formula_svg
 from llmaudit.report.plots import group_series, plot_png, slug
 
@@ -89,13 +92,16 @@ def _context(record: RunRecord) -> dict[str, Any]:
             "n_checks": len(record.checks), "n_passed": record.n_passed}
 
 
-def render_run(record: RunRecord, reports: Path) -> tuple[Path, Path]:
-    """Write ``report.md`` (+ PNG/SVG files beside it) and ``report.html`` for one run record."""
+def render_run(record: RunRecord, reports: Path, source: bytes | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` (+ PNG/SVG files beside it) and ``report.html`` for one run record.
+
+    ``source``: the bytes of the record file, stamped beside the pages so that ``render_stale``
+    can tell later that they are up to date."""
     out = run_dir(reports, record)
     plots = _plots(record)
     formulas = []
     for i, (label, tex) in enumerate(record.formulas, 1):
-        svg = formula_svg(tex)
+        svg = formula_svg(tex, cache=cache.cache_dir(reports, "formulas"))
         formulas.append({"label": label, "tex": tex, "svg": svg, "file": f"formula-{i}.svg"})
         atomic_write(out / f"formula-{i}.svg", svg)
     for p in plots:
@@ -104,14 +110,32 @@ def render_run(record: RunRecord, reports: Path) -> tuple[Path, Path]:
     env = _env()
     md = atomic_write(out / "report.md", env.get_template("run.md.j2").render(**ctx))
     html = atomic_write(out / "report.html", env.get_template("run.html.j2").render(**ctx))
+    if source is not None:
+        cache.write_stamp(out, source)
     return md, html
 
 
 def save_and_render(record: RunRecord, reports: Path) -> dict[str, Path]:
     """Save the run record under ``reports/runs`` and render its pages; the paths written."""
     json_path = record.save(Path(reports) / "runs")
-    md, html = render_run(record, reports)
+    md, html = render_run(record, reports, source=json_path.read_bytes())
     return {"record": json_path, "markdown": md, "html": html}
+
+
+def render_stale(record_path: Path, reports: Path, force: bool = False) -> tuple[Path, bool]:
+    """Render the pages of the record at ``record_path`` unless they are current (rendered from these
+    exact bytes by this renderer); the HTML page and whether it was rendered now.
+
+    Raises RecordError for an unreadable record."""
+    try:
+        data = Path(record_path).read_bytes()
+    except OSError as exc:
+        raise RecordError(f"{record_path}: cannot read ({exc.strerror or exc})") from None
+    guess = Path(record_path).with_suffix("")  # runs/<module>/<stem>/ unless two records share a stem
+    if not force and cache.pages_current(guess, data):
+        return guess / "report.html", False
+    rec = RunRecord.load(record_path)
+    return render_run(rec, reports, source=data)[1], True
 
 
 @dataclass
@@ -150,6 +174,23 @@ def render_index(reports: Path, modules: Iterable[tuple[str, int | None, str]] =
     return atomic_write(reports / "index.html", html), warnings
 
 
+def _cached_plot(reports: Path, title: str, members: list) -> bytes:
+    """``plot_png`` kept under a hash of its data and of the plotting code: an unchanged progress
+    plot is read back, so ``llmaudit progress`` need not import matplotlib (0.7 s) to redraw it.
+    Only the newest image of each title is kept."""
+    import json
+
+    folder = cache.cache_dir(reports, "plots")
+    stem = f"plot-{slug(title)}-"
+    key = stem + cache.content_hash(title, json.dumps([s.to_dict() for s in members], sort_keys=True),
+                                    cache.code_digest("plots.py"))[:24]
+    png = cache.cached_file(folder, key, ".png", lambda: plot_png(title, members))
+    for old in folder.glob(f"{stem}*.png"):
+        if old.stem != key:
+            old.unlink(missing_ok=True)
+    return png
+
+
 def render_progress(progress, reports: Path) -> Path:
     """``reports/progress.html``: reviews per day and mastery per roadmap day (from ``llmaudit progress``)."""
     from llmaudit.audit import Series
@@ -157,12 +198,12 @@ def render_progress(progress, reports: Path) -> Path:
     days = progress.days
     mastery = Series("mastery/share_of_items", [float(d.day) for d in days], [100 * d.mastery for d in days],
                      x_label="roadmap day", smooth=False)
-    plots = [Plot("mastery (% of the day's items)", "mastery.png", plot_png("mastery/share_of_items", [mastery]))]
+    plots = [Plot("mastery (% of the day's items)", "mastery.png", _cached_plot(reports, "mastery/share_of_items", [mastery]))]
     if progress.per_date:
         dates = list(progress.per_date)
         per = Series("reviews/per_day", [float(i) for i in range(len(dates))], [float(v) for v in progress.per_date.values()],
                      x_label=f"day ({dates[0]} .. {dates[-1]})", smooth=False)
-        plots.insert(0, Plot("reviews per day", "reviews.png", plot_png("reviews/per_day", [per])))
+        plots.insert(0, Plot("reviews per day", "reviews.png", _cached_plot(reports, "reviews/per_day", [per])))
     html = _env().get_template("progress.html.j2").render(p=progress, plots=plots)
     return atomic_write(Path(reports) / "progress.html", html)
 
