@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
 
-from llmaudit.cli.common import (DEFAULT_OUT, FAILED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark, out,
+from llmaudit.cli.common import (DEFAULT_OUT, FAILED, INTERRUPTED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark, out,
                                  progress_bar, say)
 from llmaudit.config import parse_assignments
 from llmaudit.record import RunRecord, find_records, latest_records
@@ -69,56 +69,93 @@ def _render_all(records: list[RunRecord], out_dir: Path) -> dict[str, dict[str, 
     return paths
 
 
+def _smoke_line(rec: RunRecord, title: str, width: int) -> str:
+    raised = sum(bool(c.errors) for c in rec.checks)
+    line = (f"{mark(rec.passed)} [bold]{rec.module:<{width}}[/] {rec.n_passed:>2}/{len(rec.checks):<2} checks"
+            f"  {rec.elapsed_s:5.2f} s  " + (f"[red]{raised} raised[/]  " if raised else "")
+            + ("[red]a report hook raised[/]" if rec.errors else f"[dim]{title}[/]"))
+    for c in rec.checks:
+        if not c.passed:
+            line += f"\n    [red]✗ {c.name}[/]: measured {escape(c.measured_text)}, expected {escape(c.expected)}"
+    for seed, e in rec.errors:
+        line += f"\n    [red]error (seed {seed}):[/] {escape(e)}"
+    return line
+
+
 @app.command()
 def smoke(
     module: Annotated[Optional[list[str]], typer.Option("--module", "-m", help="Only these modules (repeatable).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, help="Worker processes: 1 runs modules one after another; "
+                                      "0 means one per CPU core.")] = 1,
     out_dir: OutOpt = DEFAULT_OUT,
     json_mode: JsonOpt = False,
 ) -> None:
     """Run every module's audit in toy mode (one seed, seconds each) and write reports/smoke/index.{md,html}.
 
+    Each module's run record and pages are saved as soon as it finishes, so an interrupted smoke
+    (Ctrl-C, exit 130) keeps the modules that finished. -j 2 runs two modules at a time in worker
+    processes (both cores of a laptop; the results are the same, lines print as modules finish).
+    The summary page lists the latest run of every module in the reports folder and marks the ones
+    from this run, so `smoke -m gae` updates one row.
+
     Exits 1 if any check fails.
 
-    Examples: llmaudit smoke  ·  llmaudit smoke -m gae -m td --json
+    Examples: llmaudit smoke  ·  llmaudit smoke -j 2  ·  llmaudit smoke -m gae -m td --json
     """
-    start = time.perf_counter()
+    import os
+
+    from llmaudit.record import now_utc
+    from llmaudit.smoke import run_modules
+
+    start, started = time.perf_counter(), now_utc()
+    interrupted = False
+    records: list[RunRecord] = []
+    paths: dict[str, dict[str, Path]] = {}
     with errors(json_mode):
         specs = [get_audit(m) for m in module] if module else all_audits()
-        records: list[RunRecord] = []
-        with progress_bar(json_mode) as bar:
-            task = bar.add_task("smoke", total=len(specs))
-            width = max(len(s.name) for s in specs)
-            for i, spec in enumerate(specs):
-                bar.update(task, description=spec.name)
-                rec = run_audit(spec, mode="toy",
-                                progress=lambda f, i=i: bar.update(task, completed=i + f))
-                records.append(rec)
-                if not json_mode:
-                    raised = sum(bool(c.errors) for c in rec.checks)
-                    line = (f"{mark(rec.passed)} [bold]{spec.name:<{width}}[/] {rec.n_passed:>2}/{len(rec.checks):<2} checks"
-                            f"  {rec.elapsed_s:5.2f} s  " + (f"[red]{raised} raised[/]  " if raised else "")
-                            + ("[red]a report hook raised[/]" if rec.errors else f"[dim]{spec.title}[/]"))
-                    for c in rec.checks:
-                        if not c.passed:
-                            line += f"\n    [red]✗ {c.name}[/]: measured {escape(c.measured_text)}, expected {escape(c.expected)}"
-                    for seed, e in rec.errors:
-                        line += f"\n    [red]error (seed {seed}):[/] {escape(e)}"
-                    say(bar, line)
+        titles = {s.name: s.title for s in specs}
+        width = max(len(s.name) for s in specs)
+        workers = jobs or os.cpu_count() or 1
+        try:
+            with progress_bar(json_mode) as bar:
+                task = bar.add_task("smoke", total=len(specs))
+                done = run_modules(specs, out_dir, jobs=workers,
+                                   progress=lambda name, f: bar.update(task, completed=f * len(specs), description=name))
+                try:
+                    for rec, written in done:
+                        records.append(rec)
+                        paths[rec.module] = written
+                        if not json_mode:
+                            say(bar, _smoke_line(rec, titles[rec.module], width))
+                finally:
+                    done.close()  # stops worker processes at once on Ctrl-C or an error
+        except KeyboardInterrupt:
+            interrupted = True
+            # a worker may have saved a module's record just before it was stopped: keep those too
+            names = {s.name for s in specs} - {r.module for r in records}
+            for name, (path, rec) in latest_records(out_dir / "runs")[0].items():
+                if name in names and rec.created >= started:
+                    records.append(rec)
+                    paths[name] = {"record": path, "html": path.with_suffix("") / "report.html"}
+                    if not json_mode:
+                        out().print(_smoke_line(rec, titles[name], width), soft_wrap=True)
         from llmaudit.registry import BROKEN
-        from llmaudit.report.render import render_smoke
+        from llmaudit.report.render import render_index, render_smoke
 
         broken = {} if module else dict(BROKEN)
         for name, why in broken.items():
             if not json_mode:
                 out().print(f"{mark(False)} [bold]{name}[/]  [red]audit does not import:[/] {escape(why)}", soft_wrap=True)
-        paths = _render_all(records, out_dir)
+        order = {s.name: i for i, s in enumerate(specs)}
+        records.sort(key=lambda r: order[r.module])
+        render_index(out_dir, _module_rows())
         wall = time.perf_counter() - start
-        smoke_md, smoke_html = render_smoke(records, out_dir, wall)
-    ok = all(r.passed for r in records) and not broken
+        smoke_md, smoke_html = render_smoke(records, out_dir, wall, planned=len(specs))
+    ok = all(r.passed for r in records) and not broken and not interrupted
     if json_mode:
         emit_json("llmaudit.smoke/v1", {
-            "ok": ok, "wall_s": round(wall, 3), "report": {"markdown": str(smoke_md), "html": str(smoke_html)},
-            "broken": broken,
+            "ok": ok, "wall_s": round(wall, 3), "jobs": workers, "interrupted": interrupted,
+            "report": {"markdown": str(smoke_md), "html": str(smoke_html)}, "broken": broken,
             "modules": [{"module": r.module, "passed": r.passed, "checks": len(r.checks),
                          "checks_passed": r.n_passed, "elapsed_s": r.elapsed_s, "errors": [e for _, e in r.errors],
                          "failed": [c.name for c in r.checks if not c.passed],
@@ -127,8 +164,11 @@ def smoke(
     else:
         n_pass = sum(r.passed for r in records)
         colour = "green" if ok else "red"
-        out().print(f"[bold {colour}]{n_pass}/{len(records) + len(broken)} modules pass[/] in {wall:.1f} s"
+        stopped = f" · interrupted after {len(records)} of {len(specs)} (their records are saved)" if interrupted else ""
+        out().print(f"[bold {colour}]{n_pass}/{len(records) + len(broken)} modules pass[/] in {wall:.1f} s{stopped}"
                     f" · report: {smoke_md}  ({smoke_html})", soft_wrap=True)
+    if interrupted:
+        raise typer.Exit(INTERRUPTED)
     raise typer.Exit(OK if ok else FAILED)
 
 

@@ -8,7 +8,7 @@ Layout under a reports folder (default ``reports/``)::
     runs/<module>/<stem>/report.html     images inline (base64 PNG, inline SVG): no network
     runs/<module>/<stem>/.rendered       stamp: the record and renderer the pages were made from
     index.html                           latest run per module, with pass/fail badges
-    smoke/index.{md,html}                the last `llmaudit smoke`
+    smoke/index.{md,html}                the latest run of every module, marking the last smoke's
     .cache/formulas/, .cache/plots/      images by content hash, drawn once (see report/cache.py)
 """
 from __future__ import annotations
@@ -208,17 +208,27 @@ def render_progress(progress, reports: Path) -> Path:
     return atomic_write(Path(reports) / "progress.html", html)
 
 
-def render_smoke(records: list[RunRecord], reports: Path, wall_s: float) -> tuple[Path, Path]:
-    """``reports/smoke/index.md`` and ``index.html``: one row per module of the last smoke run."""
+def render_smoke(records: list[RunRecord], reports: Path, wall_s: float, *,
+                 planned: int | None = None) -> tuple[Path, Path]:
+    """``reports/smoke/index.md`` and ``index.html``: the latest run of every module in the reports
+    folder, the ones from this smoke (``records``) marked, so ``smoke -m gae`` updates one row of
+    the page instead of replacing it. ``planned``: how many modules this smoke meant to run (more
+    than ``len(records)`` when it was interrupted)."""
     out = Path(reports) / "smoke"
+    latest, warnings = latest_records(Path(reports) / "runs")
+    this_run = {rec.module: rec for rec in records}
+    shown = {name: rec for name, (_, rec) in latest.items()} | this_run
     rows = []
-    for rec in records:
+    for rec in sorted(shown.values(), key=lambda r: (r.day if r.day is not None else 99, r.module)):
         page = run_dir(reports, rec) / "report"
         rows.append({"r": rec, "md": os.path.relpath(str(page) + ".md", out),
-                     "html": os.path.relpath(str(page) + ".html", out),
+                     "html": os.path.relpath(str(page) + ".html", out), "this_run": rec.module in this_run,
+                     "when": rec.created[:16].replace("T", " "),
                      "failed": [c for c in rec.checks if not c.passed], "errors": rec.errors})
     ctx = {"rows": rows, "wall_s": wall_s, "ok": all(r.passed for r in records),
            "n_pass": sum(r.passed for r in records), "n": len(records),
+           "planned": len(records) if planned is None else planned,
+           "n_all": len(rows), "n_all_pass": sum(row["r"].passed for row in rows), "warnings": warnings,
            "created": records[0].created[:16].replace("T", " ") + " UTC" if records else ""}
     env = _env()
     md = atomic_write(out / "index.md", env.get_template("smoke.md.j2").render(**ctx))
