@@ -71,3 +71,11 @@ def test_two_workers_give_the_same_records_as_one(tmp_path):
     assert a["jobs"] == 1 and b["jobs"] == 2
     assert [m["module"] for m in b["modules"]] == ["mdp", "gae"]  # roadmap order, whatever finished first
     assert _verdicts(a) == _verdicts(b) and all(len(v) > 10 for v in _verdicts(a).values())
+
+
+def test_a_worker_reports_an_audit_it_cannot_import(monkeypatch, tmp_path):
+    from llmaudit import registry, smoke as engine
+
+    monkeypatch.setitem(registry.BROKEN, "halfbuilt", "ImportError: cannot import name 'x'")
+    assert engine._run_and_save("halfbuilt", str(tmp_path)) == ("halfbuilt", "ImportError: cannot import name 'x'")
+    assert find_records(tmp_path / "runs") == []

@@ -111,16 +111,27 @@ def smoke(
     interrupted = False
     records: list[RunRecord] = []
     paths: dict[str, dict[str, Path]] = {}
+    broken: dict[str, str] = {}
     with errors(json_mode):
-        specs = [get_audit(m) for m in module] if module else all_audits()
+        workers = jobs or os.cpu_count() or 1
+        if workers > 1:  # the workers import torch and the audits; this process needs only names and titles
+            from llmaudit.catalog import modules
+
+            known = {m.name: m for m in modules()}
+            for m in module or []:
+                if m not in known:
+                    get_audit(m)  # raises the usual "unknown module, did you mean" error
+            specs = [known[m] for m in module] if module else list(known.values())
+        else:
+            specs = [get_audit(m) for m in module] if module else all_audits()
         titles = {s.name: s.title for s in specs}
         width = max(len(s.name) for s in specs)
-        workers = jobs or os.cpu_count() or 1
         try:
             with progress_bar(json_mode) as bar:
                 task = bar.add_task("smoke", total=len(specs))
-                done = run_modules(specs, out_dir, jobs=workers,
-                                   progress=lambda name, f: bar.update(task, completed=f * len(specs), description=name))
+                done = run_modules([s.name for s in specs] if workers > 1 else specs, out_dir, jobs=workers,
+                                   progress=lambda name, f: bar.update(task, completed=f * len(specs), description=name),
+                                   broken=broken.__setitem__)
                 try:
                     for rec, written in done:
                         records.append(rec)
@@ -142,7 +153,8 @@ def smoke(
         from llmaudit.registry import BROKEN
         from llmaudit.report.render import render_index, render_smoke
 
-        broken = {} if module else dict(BROKEN)
+        if not module:
+            broken.update(BROKEN)  # audits that failed to import here (sequential) or in a worker (above)
         for name, why in broken.items():
             if not json_mode:
                 out().print(f"{mark(False)} [bold]{name}[/]  [red]audit does not import:[/] {escape(why)}", soft_wrap=True)
