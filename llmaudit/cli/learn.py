@@ -233,8 +233,8 @@ def roadmap(lang: LangOpt = None, out_dir: OutOpt = DEFAULT_OUT, json_mode: Json
     """
     from llmaudit.learn.progress import compute
     from llmaudit.learn.store import utc_now
+    from llmaudit.catalog import modules
     from llmaudit.record import latest_records
-    from llmaudit.registry import load_all
 
     with errors(json_mode):
         l = resolve_lang(lang)
@@ -244,7 +244,7 @@ def roadmap(lang: LangOpt = None, out_dir: OutOpt = DEFAULT_OUT, json_mode: Json
         finally:
             store.close()
         latest, _ = latest_records(out_dir / "runs")
-        audits = load_all()
+        audits = {m.name for m in modules()}
     rows = []
     for d in c.roadmap.days:
         mods = []

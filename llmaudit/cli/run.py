@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
 
-from llmaudit.cli.common import (DEFAULT_OUT, FAILED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark, out,
-                                 progress_bar, say, writable_dir)
+from llmaudit.cli.common import (DEFAULT_OUT, FAILED, INTERRUPTED, OK, JsonOpt, OutOpt, emit_json, err, errors, mark,
+                                 out, progress_bar, say, writable_dir)
 from llmaudit.config import apply_overrides, parse_assignments
 from llmaudit.record import RunRecord, find_records, latest_records
 from llmaudit.registry import all_audits, get_audit
@@ -21,7 +21,9 @@ app = typer.Typer()
 
 
 def _module_rows() -> list[tuple[str, int | None, str]]:
-    return [(s.name, s.day, s.title) for s in all_audits()]
+    from llmaudit.catalog import modules
+
+    return [(m.name, m.day, m.title) for m in modules()]
 
 
 @app.command("list")
@@ -30,15 +32,17 @@ def list_modules(out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> N
 
     Example: llmaudit list
     """
+    from llmaudit.catalog import modules
+
     with errors(json_mode):
-        specs = all_audits()
+        specs = modules()  # names, days, titles, kernels without importing torch or the audits
         latest, warnings = latest_records(out_dir / "runs")
     for w in warnings:
         err().print(f"[yellow]warning:[/] skipped {w}")
     rows = []
     for s in specs:
         rec = latest.get(s.name, (None, None))[1]
-        rows.append({"name": s.name, "day": s.day, "title": s.title, "kernels": [k.name for k in s.kernels],
+        rows.append({"name": s.name, "day": s.day, "title": s.title, "kernels": list(s.kernels),
                      "latest": None if rec is None else {"passed": rec.passed, "checks": len(rec.checks),
                                                          "checks_passed": rec.n_passed, "mode": rec.mode,
                                                          "created": rec.created}})
@@ -77,57 +81,106 @@ def _render_all(records: list[RunRecord], out_dir: Path) -> dict[str, dict[str, 
     return paths
 
 
+def _smoke_line(rec: RunRecord, title: str, width: int) -> str:
+    raised = sum(bool(c.errors) for c in rec.checks)
+    line = (f"{mark(rec.passed)} [bold]{rec.module:<{width}}[/] {rec.n_passed:>2}/{len(rec.checks):<2} checks"
+            f"  {rec.elapsed_s:5.2f} s  " + (f"[red]{raised} raised[/]  " if raised else "")
+            + ("[red]a report hook raised[/]" if rec.errors else f"[dim]{title}[/]"))
+    for c in rec.checks:
+        if not c.passed:
+            line += f"\n    [red]✗ {c.name}[/]: measured {escape(c.measured_text)}, expected {escape(c.expected)}"
+    for seed, e in rec.errors:
+        line += f"\n    [red]error (seed {seed}):[/] {escape(e)}"
+    return line
+
+
 @app.command()
 def smoke(
     module: Annotated[Optional[list[str]], typer.Option("--module", "-m", help="Only these modules (repeatable).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, help="Worker processes: 1 runs modules one after another; "
+                                      "0 means one per CPU core.")] = 1,
     out_dir: OutOpt = DEFAULT_OUT,
     json_mode: JsonOpt = False,
 ) -> None:
     """Run every module's audit in toy mode (one seed, seconds each) and write reports/smoke/index.{md,html}.
 
+    Each module's run record and pages are saved as soon as it finishes, so an interrupted smoke
+    (Ctrl-C, exit 130) keeps the modules that finished. -j 2 runs two modules at a time in worker
+    processes (both cores of a laptop; the results are the same, lines print as modules finish).
+    The summary page lists the latest run of every module in the reports folder and marks the ones
+    from this run, so `smoke -m gae` updates one row.
+
     Exits 1 if any check fails.
 
-    Examples: llmaudit smoke  ·  llmaudit smoke -m gae -m td --json
+    Examples: llmaudit smoke  ·  llmaudit smoke -j 2  ·  llmaudit smoke -m gae -m td --json
     """
-    start = time.perf_counter()
+    import os
+
+    from llmaudit.record import now_utc
+    from llmaudit.smoke import run_modules
+
+    start, started = time.perf_counter(), now_utc()
+    interrupted = False
+    records: list[RunRecord] = []
+    paths: dict[str, dict[str, Path]] = {}
+    broken: dict[str, str] = {}
     with errors(json_mode):
         writable_dir(out_dir)
-        specs = [get_audit(m) for m in module] if module else all_audits()
-        records: list[RunRecord] = []
-        with progress_bar(json_mode) as bar:
-            task = bar.add_task("smoke", total=len(specs))
-            width = max(len(s.name) for s in specs)
-            for i, spec in enumerate(specs):
-                bar.update(task, description=spec.name)
-                rec = run_audit(spec, mode="toy",
-                                progress=lambda f, i=i: bar.update(task, completed=i + f))
-                records.append(rec)
-                if not json_mode:
-                    raised = sum(bool(c.errors) for c in rec.checks)
-                    line = (f"{mark(rec.passed)} [bold]{spec.name:<{width}}[/] {rec.n_passed:>2}/{len(rec.checks):<2} checks"
-                            f"  {rec.elapsed_s:5.2f} s  " + (f"[red]{raised} raised[/]  " if raised else "")
-                            + ("[red]a report hook raised[/]" if rec.errors else f"[dim]{spec.title}[/]"))
-                    for c in rec.checks:
-                        if not c.passed:
-                            line += f"\n    [red]✗ {c.name}[/]: measured {escape(c.measured_text)}, expected {escape(c.expected)}"
-                    for seed, e in rec.errors:
-                        line += f"\n    [red]error (seed {seed}):[/] {escape(e)}"
-                    say(bar, line)
-        from llmaudit.registry import BROKEN
-        from llmaudit.report.render import render_smoke
+        workers = jobs or os.cpu_count() or 1
+        if workers > 1:  # the workers import torch and the audits; this process needs only names and titles
+            from llmaudit.catalog import modules
 
-        broken = {} if module else dict(BROKEN)
+            known = {m.name: m for m in modules()}
+            for m in module or []:
+                if m not in known:
+                    get_audit(m)  # raises the usual "unknown module, did you mean" error
+            specs = [known[m] for m in module] if module else list(known.values())
+        else:
+            specs = [get_audit(m) for m in module] if module else all_audits()
+        titles = {s.name: s.title for s in specs}
+        width = max(len(s.name) for s in specs)
+        try:
+            with progress_bar(json_mode) as bar:
+                task = bar.add_task("smoke", total=len(specs))
+                done = run_modules([s.name for s in specs] if workers > 1 else specs, out_dir, jobs=workers,
+                                   progress=lambda name, f: bar.update(task, completed=f * len(specs), description=name),
+                                   broken=broken.__setitem__)
+                try:
+                    for rec, written in done:
+                        records.append(rec)
+                        paths[rec.module] = written
+                        if not json_mode:
+                            say(bar, _smoke_line(rec, titles[rec.module], width))
+                finally:
+                    done.close()  # stops worker processes at once on Ctrl-C or an error
+        except KeyboardInterrupt:
+            interrupted = True
+            # a worker may have saved a module's record just before it was stopped: keep those too
+            names = {s.name for s in specs} - {r.module for r in records}
+            for name, (path, rec) in latest_records(out_dir / "runs")[0].items():
+                if name in names and rec.created >= started:
+                    records.append(rec)
+                    paths[name] = {"record": path, "html": path.with_suffix("") / "report.html"}
+                    if not json_mode:
+                        out().print(_smoke_line(rec, titles[name], width), soft_wrap=True)
+        from llmaudit.registry import BROKEN
+        from llmaudit.report.render import render_index, render_smoke
+
+        if not module:
+            broken.update(BROKEN)  # audits that failed to import here (sequential) or in a worker (above)
         for name, why in broken.items():
             if not json_mode:
                 out().print(f"{mark(False)} [bold]{name}[/]  [red]audit does not import:[/] {escape(why)}", soft_wrap=True)
-        paths = _render_all(records, out_dir)
+        order = {s.name: i for i, s in enumerate(specs)}
+        records.sort(key=lambda r: order[r.module])
+        render_index(out_dir, _module_rows())
         wall = time.perf_counter() - start
-        smoke_md, smoke_html = render_smoke(records, out_dir, wall)
-    ok = all(r.passed for r in records) and not broken
+        smoke_md, smoke_html = render_smoke(records, out_dir, wall, planned=len(specs))
+    ok = all(r.passed for r in records) and not broken and not interrupted
     if json_mode:
         emit_json("llmaudit.smoke/v1", {
-            "ok": ok, "wall_s": round(wall, 3), "report": {"markdown": str(smoke_md), "html": str(smoke_html)},
-            "broken": broken,
+            "ok": ok, "wall_s": round(wall, 3), "jobs": workers, "interrupted": interrupted,
+            "report": {"markdown": str(smoke_md), "html": str(smoke_html)}, "broken": broken,
             "modules": [{"module": r.module, "passed": r.passed, "checks": len(r.checks),
                          "checks_passed": r.n_passed, "elapsed_s": r.elapsed_s, "errors": [e for _, e in r.errors],
                          "failed": [c.name for c in r.checks if not c.passed],
@@ -136,8 +189,11 @@ def smoke(
     else:
         n_pass = sum(r.passed for r in records)
         colour = "green" if ok else "red"
-        out().print(f"[bold {colour}]{n_pass}/{len(records) + len(broken)} modules pass[/] in {wall:.1f} s"
+        stopped = f" · interrupted after {len(records)} of {len(specs)} (their records are saved)" if interrupted else ""
+        out().print(f"[bold {colour}]{n_pass}/{len(records) + len(broken)} modules pass[/] in {wall:.1f} s{stopped}"
                     f" · report: {smoke_md}  ({smoke_html})", soft_wrap=True)
+    if interrupted:
+        raise typer.Exit(INTERRUPTED)
     raise typer.Exit(OK if ok else FAILED)
 
 
@@ -257,35 +313,46 @@ def audit(
 
 
 @app.command()
-def report(out_dir: OutOpt = DEFAULT_OUT, json_mode: JsonOpt = False) -> None:
-    """Rebuild every run's report.md / report.html and reports/index.html from the saved run records.
+def report(
+    out_dir: OutOpt = DEFAULT_OUT,
+    force: Annotated[bool, typer.Option("--force", help="Re-render every page, even those already up to date.")] = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Rebuild the run pages (report.md / report.html) and reports/index.html from the saved run records.
 
-    Nothing is re-run. Unreadable records are skipped with a warning.
+    Nothing is re-run. A page is rendered again only when its record or the renderer changed since
+    (a stamp beside it says what it was made from); --force renders them all. Unreadable records are
+    skipped with a warning.
 
     Example: llmaudit report --out reports
     """
     from llmaudit.record import RecordError
-    from llmaudit.report.render import render_index, render_run
+    from llmaudit.report.render import render_index, render_stale
 
     with errors(json_mode):
         writable_dir(out_dir)
         paths = find_records(out_dir / "runs")
-        pages, warnings = [], []
+        pages, rendered, warnings = [], [], []
         with progress_bar(json_mode) as bar:
             for path in bar.track(paths, description="rendering"):
                 try:
-                    rec = RunRecord.load(path)
+                    page, fresh = render_stale(path, out_dir, force=force)
                 except RecordError as exc:
                     warnings.append(str(exc))
                     continue
-                pages.append(str(render_run(rec, out_dir)[1]))
+                pages.append(str(page))
+                if fresh:
+                    rendered.append(str(page))
         index, _ = render_index(out_dir, _module_rows())
     for w in warnings:
         err().print(f"[yellow]warning:[/] skipped {w}")
     if json_mode:
-        emit_json("llmaudit.report/v1", {"ok": True, "index": str(index), "pages": pages, "warnings": warnings})
+        emit_json("llmaudit.report/v1", {"ok": True, "index": str(index), "pages": pages, "rendered": rendered,
+                                         "warnings": warnings})
     else:
-        out().print(f"rendered {len(pages)} run page{'s' * (len(pages) != 1)} · index: {index}")
+        current = len(pages) - len(rendered)
+        out().print(f"rendered {len(rendered)} run page{'s' * (len(rendered) != 1)}"
+                    + (f" ({current} already up to date)" if current else "") + f" · index: {index}")
         if not paths:
             err().print("[dim]no run records yet: run `llmaudit audit <module>` or `llmaudit smoke` first[/]")
 

@@ -16,7 +16,9 @@ MODULE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True,
+                              defer_build=True)  # validators are built on first use: a quiz start reading
+                                                 # pickled content (learn/load.py) never needs them
 
 
 class Text(Strict):

@@ -12,7 +12,7 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from llmaudit.audit import Series
 
@@ -343,22 +343,26 @@ def run_plots(results: Sequence[Any], *, dpi: int = 110) -> list[tuple[str, str,
 MIN_DAYS = 2  # reviews per day are drawn from this many distinct study days on
 
 
-def progress_plots(progress: Any) -> list[tuple[str, str, bytes]]:
+def progress_plots(progress: Any, draw: Callable[[str, Any, Callable[[], bytes]], bytes] | None = None
+                   ) -> list[tuple[str, str, bytes]]:
     """(title, file name, PNG) for the progress page: reviews per study day once there are at least
-    MIN_DAYS of them, and mastery per roadmap day once anything was reviewed; nothing before."""
+    MIN_DAYS of them, and mastery per roadmap day once anything was reviewed; nothing before.
+    ``draw(name, data, make)`` returns the PNG (a cache keyed by the data may skip ``make``)."""
     from datetime import date, timedelta
 
+    draw = draw or (lambda name, data, make: make())
     plots = []
     if len(progress.per_date) >= MIN_DAYS:
         first, last = (date.fromisoformat(d) for d in (min(progress.per_date), max(progress.per_date)))
         first = max(first, last - timedelta(days=59))  # the last 60 days, days without reviews included
         dates = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
-        plots.append(("reviews per day", "reviews.png",
-                      bar_png("Reviews per day", [d[5:] for d in dates], [float(progress.per_date.get(d, 0)) for d in dates],
-                              x_label=f"date (month-day, {dates[0][:4]})", y_label="reviews (answers)")))
+        counts = [float(progress.per_date.get(d, 0)) for d in dates]
+        plots.append(("reviews per day", "reviews.png", draw("reviews", [dates, counts], lambda: bar_png(
+            "Reviews per day", [d[5:] for d in dates], counts, x_label=f"date (month-day, {dates[0][:4]})",
+            y_label="reviews (answers)"))))
     if progress.reviews:
-        plots.append(("mastery per roadmap day", "mastery.png",
-                      bar_png("Mastery per roadmap day", [str(d.day) for d in progress.days],
-                              [100 * d.mastery for d in progress.days], x_label="roadmap day",
-                              y_label="mastered (% of the day's items)", y_max=100)))
+        days, mastery = [str(d.day) for d in progress.days], [100 * d.mastery for d in progress.days]
+        plots.append(("mastery per roadmap day", "mastery.png", draw("mastery", [days, mastery], lambda: bar_png(
+            "Mastery per roadmap day", days, mastery, x_label="roadmap day",
+            y_label="mastered (% of the day's items)", y_max=100))))
     return plots

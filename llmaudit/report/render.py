@@ -6,8 +6,10 @@ Layout under a reports folder (default ``reports/``)::
     runs/<module>/<stem>.json            the run record (written by the runner's caller)
     runs/<module>/<stem>/report.md       + plot-*.png, formula-*.svg beside it
     runs/<module>/<stem>/report.html     images inline (base64 PNG, inline SVG): no network
+    runs/<module>/<stem>/.rendered       stamp: the record and renderer the pages were made from
     index.html                           latest run per module, with pass/fail badges
-    smoke/index.{md,html}                the last `llmaudit smoke`
+    smoke/index.{md,html}                the latest run of every module, marking the last smoke's
+    .cache/formulas/, .cache/plots/      images by content hash, drawn once (see report/cache.py)
 """
 from __future__ import annotations
 
@@ -15,13 +17,14 @@ import base64
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jinja2
 import markupsafe
 
 from llmaudit.audit import format_measured
-from llmaudit.record import RunRecord, atomic_write, latest_records
+from llmaudit.record import RecordError, RunRecord, atomic_write, latest_records
+from llmaudit.report import cache
 from llmaudit.report.formulas import formula_svg
 from llmaudit.report.plots import progress_plots, run_plots
 
@@ -84,13 +87,16 @@ def _context(record: RunRecord) -> dict[str, Any]:
             "n_checks": len(record.checks), "n_passed": record.n_passed}
 
 
-def render_run(record: RunRecord, reports: Path) -> tuple[Path, Path]:
-    """Write ``report.md`` (+ PNG/SVG files beside it) and ``report.html`` for one run record."""
+def render_run(record: RunRecord, reports: Path, source: bytes | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` (+ PNG/SVG files beside it) and ``report.html`` for one run record.
+
+    ``source``: the bytes of the record file, stamped beside the pages so that ``render_stale``
+    can tell later that they are up to date."""
     out = run_dir(reports, record)
     plots = _plots(record)
     formulas = []
     for i, (label, tex) in enumerate(record.formulas, 1):
-        svg = formula_svg(tex)
+        svg = formula_svg(tex, cache=cache.cache_dir(reports, "formulas"))
         formulas.append({"label": label, "tex": tex, "svg": svg, "file": f"formula-{i}.svg"})
         atomic_write(out / f"formula-{i}.svg", svg)
     for p in plots:
@@ -99,14 +105,32 @@ def render_run(record: RunRecord, reports: Path) -> tuple[Path, Path]:
     env = _env()
     md = atomic_write(out / "report.md", env.get_template("run.md.j2").render(**ctx))
     html = atomic_write(out / "report.html", env.get_template("run.html.j2").render(**ctx))
+    if source is not None:
+        cache.write_stamp(out, source)
     return md, html
 
 
 def save_and_render(record: RunRecord, reports: Path) -> dict[str, Path]:
     """Save the run record under ``reports/runs`` and render its pages; the paths written."""
     json_path = record.save(Path(reports) / "runs")
-    md, html = render_run(record, reports)
+    md, html = render_run(record, reports, source=json_path.read_bytes())
     return {"record": json_path, "markdown": md, "html": html}
+
+
+def render_stale(record_path: Path, reports: Path, force: bool = False) -> tuple[Path, bool]:
+    """Render the pages of the record at ``record_path`` unless they are current (rendered from these
+    exact bytes by this renderer); the HTML page and whether it was rendered now.
+
+    Raises RecordError for an unreadable record."""
+    try:
+        data = Path(record_path).read_bytes()
+    except OSError as exc:
+        raise RecordError(f"{record_path}: cannot read ({exc.strerror or exc})") from None
+    guess = Path(record_path).with_suffix("")  # runs/<module>/<stem>/ unless two records share a stem
+    if not force and cache.pages_current(guess, data):
+        return guess / "report.html", False
+    rec = RunRecord.load(record_path)
+    return render_run(rec, reports, source=data)[1], True
 
 
 @dataclass
@@ -145,24 +169,51 @@ def render_index(reports: Path, modules: Iterable[tuple[str, int | None, str]] =
     return atomic_write(reports / "index.html", html), warnings
 
 
+def _cached_png(reports: Path, name: str, data: Any, make: Callable[[], bytes]) -> bytes:
+    """A progress plot kept under a hash of its data and of the plotting code: an unchanged plot is
+    read back, so ``llmaudit progress`` need not import matplotlib (0.7 s) to redraw it. Only the
+    newest image of each plot is kept."""
+    import json
+
+    folder = cache.cache_dir(reports, "plots")
+    stem = f"plot-{name}-"
+    key = stem + cache.content_hash(json.dumps(data, sort_keys=True), cache.code_digest("plots.py"))[:24]
+    png = cache.cached_file(folder, key, ".png", make)
+    for old in folder.glob(f"{stem}*.png"):
+        if old.stem != key:
+            old.unlink(missing_ok=True)
+    return png
+
+
 def render_progress(progress, reports: Path) -> Path:
     """``reports/progress.html``: reviews per day and mastery per roadmap day (from ``llmaudit progress``)."""
-    plots = [Plot(title, file, png) for title, file, png in progress_plots(progress)]
+    plots = [Plot(title, file, png) for title, file, png in progress_plots(
+        progress, draw=lambda name, data, make: _cached_png(reports, name, data, make))]
     html = _env().get_template("progress.html.j2").render(p=progress, plots=plots)
     return atomic_write(Path(reports) / "progress.html", html)
 
 
-def render_smoke(records: list[RunRecord], reports: Path, wall_s: float) -> tuple[Path, Path]:
-    """``reports/smoke/index.md`` and ``index.html``: one row per module of the last smoke run."""
+def render_smoke(records: list[RunRecord], reports: Path, wall_s: float, *,
+                 planned: int | None = None) -> tuple[Path, Path]:
+    """``reports/smoke/index.md`` and ``index.html``: the latest run of every module in the reports
+    folder, the ones from this smoke (``records``) marked, so ``smoke -m gae`` updates one row of
+    the page instead of replacing it. ``planned``: how many modules this smoke meant to run (more
+    than ``len(records)`` when it was interrupted)."""
     out = Path(reports) / "smoke"
+    latest, warnings = latest_records(Path(reports) / "runs")
+    this_run = {rec.module: rec for rec in records}
+    shown = {name: rec for name, (_, rec) in latest.items()} | this_run
     rows = []
-    for rec in records:
+    for rec in sorted(shown.values(), key=lambda r: (r.day if r.day is not None else 99, r.module)):
         page = run_dir(reports, rec) / "report"
         rows.append({"r": rec, "md": os.path.relpath(str(page) + ".md", out),
-                     "html": os.path.relpath(str(page) + ".html", out),
+                     "html": os.path.relpath(str(page) + ".html", out), "this_run": rec.module in this_run,
+                     "when": rec.created[:16].replace("T", " "),
                      "failed": [c for c in rec.checks if not c.passed], "errors": rec.errors})
     ctx = {"rows": rows, "wall_s": wall_s, "ok": all(r.passed for r in records),
            "n_pass": sum(r.passed for r in records), "n": len(records),
+           "planned": len(records) if planned is None else planned,
+           "n_all": len(rows), "n_all_pass": sum(row["r"].passed for row in rows), "warnings": warnings,
            "created": records[0].created[:16].replace("T", " ") + " UTC" if records else ""}
     env = _env()
     md = atomic_write(out / "index.md", env.get_template("smoke.md.j2").render(**ctx))
