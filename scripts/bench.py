@@ -76,13 +76,19 @@ def _wall(cmd: list[str], opts: Options, *, stdin: str = "") -> tuple[float, sub
 
 
 def _median_wall(cmd: list[str], opts: Options, *, stdin: str = "", ok=(0,)) -> tuple[float, str]:
+    seconds, detail, _ = _median_wall_and_output(cmd, opts, stdin=stdin, ok=ok)
+    return seconds, detail
+
+
+def _median_wall_and_output(cmd: list[str], opts: Options, *, stdin: str = "",
+                            ok=(0,)) -> tuple[float, str, subprocess.CompletedProcess]:
     times = []
     for _ in range(opts.repeats):
         seconds, done = _wall(cmd, opts, stdin=stdin)
         if done.returncode not in ok:
             raise RuntimeError(f"{' '.join(cmd[-4:])} exited {done.returncode}: {done.stderr.strip()[-300:]}")
         times.append(seconds)
-    return statistics.median(times), f"median of {len(times)}: " + ", ".join(f"{t:.2f}" for t in times)
+    return statistics.median(times), f"median of {len(times)}: " + ", ".join(f"{t:.2f}" for t in times), done
 
 
 def _llmaudit() -> str:
@@ -194,9 +200,11 @@ def tokenizer_train_s(opts: Options) -> tuple[float, str]:
 
 
 def audit_sft_full_s(opts: Options) -> tuple[float, str]:
-    seconds, detail = _median_wall([_llmaudit(), "audit", "sft", "--out", str(opts.tmp / "reports"), "--json"],
-                                   opts, ok=(0, 1))
-    return seconds, detail
+    """`llmaudit audit sft` in full mode (3 seeds), report pages included."""
+    seconds, detail, done = _median_wall_and_output(
+        [_llmaudit(), "audit", "sft", "--out", str(opts.tmp / "reports"), "--json"], opts, ok=(0, 1))
+    verdict = "passes" if done.returncode == 0 else "FAILS a check"
+    return seconds, f"{detail}; the audit {verdict}"
 
 
 def cli(*args: str, stdin: str = "") -> Callable[[Options], tuple[float, str]]:
