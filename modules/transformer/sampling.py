@@ -94,15 +94,15 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
     # of a tiny model is mostly that overhead. Its tensors cannot enter autograd later, so the results
     # are cloned out of it (rollouts are trained on).
     with torch.inference_mode():
-        out = _generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, use_cache=use_cache, eos_id=eos_id,
-                        generator=generator, top_k_fn=top_k_fn, top_p_fn=top_p_fn)
-    tokens, step_logits = out[0].clone(), out[1].clone()
-    return (tokens, step_logits) if return_logits else tokens
+        tokens, step_logits = _generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, repetition_penalty=repetition_penalty, use_cache=use_cache,
+                                        eos_id=eos_id, generator=generator, top_k_fn=top_k_fn, top_p_fn=top_p_fn)
+        logits = torch.stack(step_logits, dim=1) if return_logits else None
+    return (tokens.clone(), logits.clone()) if return_logits else tokens.clone()  # outside: normal tensors
 
 
 def _generate(model, prompt, max_new_tokens, *, temperature, top_k, top_p, repetition_penalty, use_cache, eos_id,
-              generator, top_k_fn, top_p_fn) -> tuple[torch.Tensor, torch.Tensor]:
+              generator, top_k_fn, top_p_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.eval()
     B, P = prompt.shape
     cache = KVCache(model.cfg, B, P + max_new_tokens, dtype=model.lm_head.weight.dtype) if use_cache else None
@@ -121,4 +121,4 @@ def _generate(model, prompt, max_new_tokens, *, temperature, top_k, top_p, repet
         if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
         logits = (model(next_token[:, None], cache) if use_cache else model(tokens))[:, -1]
-    return tokens, torch.stack(step_logits, dim=1)
+    return tokens, step_logits
