@@ -430,8 +430,10 @@ def headline(ctx, cfg, reversal, g):
     ctx.scalar("answer token accuracy", reversal.token_accuracy)
     ctx.scalar("final train loss", reversal.history[-1]["loss"])
     prompt = torch.randint(0, cfg.n_symbols, (1, cfg.n_items + 2), generator=g)
-    speed = M.kv_cache_speedup(reversal.model, prompt, cfg.speed_new_tokens)
-    n = cfg.speed_new_tokens
-    ctx.scalar(f"kv_cache_speedup_wallclock_{n}_tokens", speed["speedup"], timed=True)
+    speed = M.kv_cache_speedup(reversal.model, prompt, cfg.speed_new_tokens, cfg.speed_repeats)
+    n, (goal_tokens, goal) = cfg.speed_new_tokens, M.KV_CACHE_SPEEDUP_GOAL
+    ctx.scalar(f"kv_cache_speedup_wallclock_{n}_tokens", round(speed["speedup"], 2), timed=True)
+    ctx.scalar(f"kv_cache_speedup_goal_{goal_tokens}_tokens", f">= {goal:g}x (median of {cfg.speed_repeats} runs here)"
+               if n == goal_tokens else f">= {goal:g}x at {goal_tokens} tokens (full mode)")
     ctx.scalar(f"kv_cache_flop_ratio_{n}_tokens", speed["flop_ratio"])
     ctx.scalar("kv_cache_same_tokens", speed["same_tokens"])

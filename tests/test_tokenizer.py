@@ -6,11 +6,15 @@ Oracles: an independent recount-every-merge trainer and a minbpe-style encoder w
 from __future__ import annotations
 
 import array
+import gc
+import subprocess
+import sys
 import heapq
 import json
 import re
 import time
 import unicodedata
+from pathlib import Path
 from collections import Counter, defaultdict
 from unittest import mock
 
@@ -696,3 +700,34 @@ def test_mutant_breaks_its_check(mutant):
 
 def test_every_check_has_a_mutant():
     assert_every_check_has_a_mutant("tokenizer", MUTANTS)
+
+
+# --- Speed: training needs no torch and pauses the garbage collector ------------------------------
+
+
+def test_training_a_tokenizer_never_imports_torch():
+    """Training and encoding are pure Python; importing torch alone costs ~1.6 s of a process."""
+    code = ("import sys\nfrom modules.tokenizer import train_bpe\n"
+            "tok = train_bpe('low lower lowest ' * 50, 300)\nassert tok.decode(tok.encode('lowest')) == 'lowest'\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
+
+
+def test_learn_merges_pauses_the_collector_and_restores_it():
+    seen = []
+
+    def step(state, new_id):
+        seen.append(gc.isenabled())
+        return T.bpe_train_step(state, new_id)
+
+    assert gc.isenabled()
+    T.learn_merges("aaabdaaabac" * 3, 260, (), step=step)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        T.learn_merges("aaabdaaabac", 258, ())
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()

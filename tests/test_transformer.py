@@ -562,3 +562,63 @@ def test_mutant_breaks_its_check(mutant):
 
 def test_every_check_has_a_mutant():
     assert_every_check_has_a_mutant("transformer", MUTANTS)
+
+
+# --- Speed: what a decode step no longer does (the numbers are in scripts/bench.py) ----------------
+
+
+def _rope_by_formula(x, positions, theta=10000.0):  # the formula of the docstring, computed per call
+    d = x.shape[-1]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=dtype) / d))
+    emb = torch.cat([positions.to(dtype)[:, None] * inv_freq] * 2, dim=-1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * emb.cos().to(x.dtype) + torch.cat((-x2, x1), dim=-1) * emb.sin().to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rope_table_gives_the_formula_bit_for_bit(dtype):
+    """The cos/sin table changes nothing: the same bits for positions inside it, past its end (it grows),
+    negative or fractional (computed directly), for every dtype."""
+    g = torch.Generator().manual_seed(0)
+    for positions in (torch.arange(0, 7), torch.arange(500, 530), torch.tensor([3000, 5, 4097]),
+                      torch.tensor([-4, 2]), torch.tensor([0.5, 2.0])):
+        x = torch.randn(2, 3, len(positions), 16, generator=g).to(dtype)
+        for theta in (100.0, 10000.0):
+            assert torch.equal(M.apply_rope(x, positions, theta), _rope_by_formula(x, positions, theta))
+
+
+def test_a_one_token_cached_step_builds_no_causal_mask():
+    """A lone query is the newest token and may see every key: decoding must not rebuild a mask."""
+    model, calls = _model(), []
+
+    def recording_mask(q_len, k_len):
+        calls.append(q_len)
+        return torch.ones(q_len, k_len, dtype=torch.bool).tril(diagonal=k_len - q_len)
+
+    prompt = torch.randint(0, 32, (2, 5))
+    with patched(TT, "causal_mask", recording_mask)():
+        cached = M.generate(model, prompt, 6)
+        assert calls == [5] * TINY.n_layers  # the prefill only
+        calls.clear()
+        recomputed = M.generate(model, prompt, 6, use_cache=False)
+        assert calls == [t for t in range(5, 11) for _ in range(TINY.n_layers)]
+    assert torch.equal(cached, recomputed)
+
+
+def test_generated_tokens_and_logits_can_be_trained_on():
+    """generate() runs under inference_mode, but what it returns is an ordinary tensor: a rollout is
+    fed back into a training forward and backward."""
+    model = _model()
+    tokens, logits = M.generate(model, torch.randint(0, 32, (2, 4)), 5, return_logits=True)
+    assert not tokens.is_inference() and not logits.is_inference()
+    model.train()
+    model(tokens).logsumexp(-1).mean().backward()
+    assert model.embed_tokens.weight.grad is not None
+
+
+def test_kv_cache_speedup_reports_medians_and_the_same_tokens():
+    model = _model()
+    r = M.kv_cache_speedup(model, torch.randint(0, 32, (1, 4)), 12, repeats=3)
+    assert r["same_tokens"] and r["seconds_cached"] > 0 and r["seconds_full"] > 0
+    assert r["speedup"] == pytest.approx(r["seconds_full"] / r["seconds_cached"]) and r["flop_ratio"] > 1

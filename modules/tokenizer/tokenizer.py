@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import functools
+import gc
 import heapq
 import itertools
 import json
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
 
 __all__ = [
     "FORMULAS", "TokenizerConfig", "GPT4_SPLIT_PATTERN", "split_regex", "split_text",
@@ -395,6 +395,21 @@ def learn_merges(text: str, vocab_size: int, specials: Iterable[str] = SPECIAL_T
     pair merged twice, an unknown id); then the vocabulary is smaller than asked."""
     specials = tuple(specials)
     start = time.process_time()
+    collecting = gc.isenabled()
+    # Training allocates millions of small lists and tuples and frees them by reference counting; the
+    # cyclic collector would only walk every live object again and again (torch's too, if loaded).
+    gc.disable()
+    try:
+        training = _learn_merges(text, vocab_size, specials, step, merge)
+    finally:
+        if collecting:
+            gc.enable()
+    training.cpu_s = time.process_time() - start
+    return training
+
+
+def _learn_merges(text: str, vocab_size: int, specials: tuple[str, ...], step: Callable,
+                  merge: Callable) -> Training:
     state = BPEState.from_chunks(chunk_counts(text))
     merges: dict[tuple[int, int], int] = {}
     tokens_read, state_tokens = [], []
@@ -413,7 +428,7 @@ def learn_merges(text: str, vocab_size: int, specials: Iterable[str] = SPECIAL_T
             break  # a broken step: keep what was learned so far
         merges[pair] = 256 + i
     tok = Tokenizer(merges, special_token_ids(len(merges), specials), merge=merge)
-    return Training(tok, tokens_read, state_tokens, time.process_time() - start)
+    return Training(tok, tokens_read, state_tokens, cpu_s=0.0)
 
 
 def train_bpe(text: str, vocab_size: int, specials: Iterable[str] = SPECIAL_TOKENS, *,
@@ -636,6 +651,8 @@ EMOJI = ("😀", "🚀", "🤖", "✨", "👍🏽", "🇨🇳", "👨‍👩‍�
 def mixed_corpus(n_bytes: int, generator: torch.Generator, zh_fraction: float = 0.5) -> str:
     """Deterministic mixed Chinese/English text of about n_bytes UTF-8 bytes: Zipf-distributed words,
     sentences with punctuation, numbers, the odd emoji, paragraphs separated by blank lines."""
+    import torch  # here, not at the top: training and encoding never need torch (1.6 s to import)
+
     rng = random.Random(int(torch.randint(0, 2**62, (), generator=generator)))  # fast scalar draws
     en_cum = list(itertools.accumulate(1.0 / (k + 2.7) for k in range(len(EN_WORDS))))
     zh_cum = list(itertools.accumulate(1.0 / (k + 2.7) for k in range(len(ZH_WORDS))))
@@ -687,6 +704,8 @@ def random_unicode_strings(n: int, max_len: int, generator: torch.Generator) -> 
     """n random strings of 0..max_len code points: ASCII, whitespace, CJK, emoji (+ZWJ, VS16),
     accents and combining marks, Hangul, Cyrillic, Arabic, Devanagari, Roman numerals, controls,
     private use and astral planes. Surrogates are excluded (they cannot be UTF-8 encoded)."""
+    import torch
+
     lo = torch.tensor([r[0] for r in _UNICODE_RANGES], dtype=torch.int64)
     hi = torch.tensor([r[1] for r in _UNICODE_RANGES], dtype=torch.int64)
     w = torch.tensor([r[2] for r in _UNICODE_RANGES], dtype=torch.float64)

@@ -77,7 +77,6 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, use_cache: bool = True,
              eos_id: int | None = None, generator: torch.Generator | None = None,
@@ -91,6 +90,19 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
     produced ``eos_id`` keeps emitting it; generation stops early once every row has. With
     ``return_logits`` also returns the raw next-token logits of each step (B, n, V).
     """
+    # inference_mode skips autograd's bookkeeping (version counters, views) on every op: a decode step
+    # of a tiny model is mostly that overhead. Its tensors cannot enter autograd later, so the results
+    # are cloned out of it (rollouts are trained on).
+    with torch.inference_mode():
+        tokens, step_logits = _generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, repetition_penalty=repetition_penalty, use_cache=use_cache,
+                                        eos_id=eos_id, generator=generator, top_k_fn=top_k_fn, top_p_fn=top_p_fn)
+        logits = torch.stack(step_logits, dim=1) if return_logits else None
+    return (tokens.clone(), logits.clone()) if return_logits else tokens.clone()  # outside: normal tensors
+
+
+def _generate(model, prompt, max_new_tokens, *, temperature, top_k, top_p, repetition_penalty, use_cache, eos_id,
+              generator, top_k_fn, top_p_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.eval()
     B, P = prompt.shape
     cache = KVCache(model.cfg, B, P + max_new_tokens, dtype=model.lm_head.weight.dtype) if use_cache else None
@@ -109,4 +121,4 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
         if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
         logits = (model(next_token[:, None], cache) if use_cache else model(tokens))[:, -1]
-    return (tokens, torch.stack(step_logits, dim=1)) if return_logits else tokens
+    return tokens, step_logits

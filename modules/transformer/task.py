@@ -12,6 +12,7 @@ warmup-cosine, clipping). Deviations: none; run(cfg, generator) is the whole exp
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -23,7 +24,7 @@ from modules.transformer.sampling import generate
 from modules.transformer.transformer import ModelConfig, Transformer, apply_rope, forward_flops, rms_norm
 
 __all__ = ["TransformerConfig", "reverse_task_batch", "task_model_config", "train_reverse_task",
-           "reverse_exact_match", "ReverseTaskResult", "run", "kv_cache_speedup"]
+           "reverse_exact_match", "ReverseTaskResult", "run", "KV_CACHE_SPEEDUP_GOAL", "kv_cache_speedup"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TransformerConfig:
     min_exact_match: float = 0.9  # outcome bar: toy seeds 0-19 and full seeds 0-4 all reach 1.0; 0.9 leaves 10 %
     decode_steps: int = 80  # KV-cache vs recompute comparison length (>= 64)
     speed_new_tokens: int = 64  # tokens generated (batch 1) for the KV-cache speedup measurement
+    speed_repeats: int = 1  # runs of each (cached, recomputed) for that measurement; the median is reported
     n_rows: int = 512  # random logit rows per sampling check
 
     # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
@@ -57,8 +59,8 @@ class TransformerConfig:
     }
 
     def __post_init__(self):
-        if self.decode_steps < 1 or self.n_items < 1 or self.steps < 1:
-            raise ValueError("decode_steps, n_items and steps must be positive")
+        if self.decode_steps < 1 or self.n_items < 1 or self.steps < 1 or self.speed_repeats < 1:
+            raise ValueError("decode_steps, n_items, steps and speed_repeats must be positive")
 
     @classmethod
     def toy(cls) -> TransformerConfig:
@@ -67,7 +69,7 @@ class TransformerConfig:
     @classmethod
     def full(cls) -> TransformerConfig:
         return cls(n_items=6, steps=600, batch_size=64, lr=1e-2, warmup_steps=30, eval_size=1024,
-                   n_rows=4096, speed_new_tokens=256)
+                   n_rows=4096, speed_new_tokens=256, speed_repeats=3)
 
 
 def task_model_config(cfg: TransformerConfig) -> ModelConfig:
@@ -135,18 +137,24 @@ def run(cfg: TransformerConfig, generator: torch.Generator, *, rms_norm: Callabl
     return ReverseTaskResult(model, history, exact, token_acc)
 
 
-def kv_cache_speedup(model: Transformer, prompt: torch.Tensor, n_new: int) -> dict:
-    """Greedy generation of ``n_new`` tokens with and without the KV cache: wall-clock seconds of
-    each, the FLOP ratio of the two (exact, from forward_flops) and whether they gave the same tokens."""
-    seconds, tokens = {}, {}
-    for use_cache in (True, False):
-        start = time.perf_counter()
-        tokens[use_cache] = generate(model, prompt, n_new, use_cache=use_cache)
-        seconds[use_cache] = time.perf_counter() - start
+KV_CACHE_SPEEDUP_GOAL = (256, 5.0)  # (new tokens, speed-up): the cache must beat recomputation 5x at 256 tokens
+
+
+def kv_cache_speedup(model: Transformer, prompt: torch.Tensor, n_new: int, repeats: int = 1) -> dict:
+    """Greedy generation of ``n_new`` tokens with and without the KV cache, ``repeats`` times each
+    (interleaved, so a burst of load hits both alike): the median wall-clock seconds of each, their
+    ratio, the FLOP ratio of the two (exact, from forward_flops) and whether they gave the same tokens."""
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    tokens = {}
+    for _ in range(repeats):
+        for use_cache in (True, False):
+            start = time.perf_counter()
+            tokens[use_cache] = generate(model, prompt, n_new, use_cache=use_cache)
+            seconds[use_cache].append(time.perf_counter() - start)
+    cached, full = statistics.median(seconds[True]), statistics.median(seconds[False])
     B, P = prompt.shape
     mc = model.cfg
     flops_cached = forward_flops(mc, P, B) + sum(forward_flops(mc, 1, B, cached=P + t) for t in range(n_new - 1))
     flops_full = sum(forward_flops(mc, P + t, B) for t in range(n_new))
-    return {"seconds_cached": seconds[True], "seconds_full": seconds[False],
-            "speedup": seconds[False] / seconds[True], "flop_ratio": flops_full / flops_cached,
-            "same_tokens": bool(torch.equal(tokens[True], tokens[False]))}
+    return {"seconds_cached": cached, "seconds_full": full, "speedup": full / cached,
+            "flop_ratio": flops_full / flops_cached, "same_tokens": bool(torch.equal(tokens[True], tokens[False]))}

@@ -52,7 +52,7 @@ class ModelConfig:
     n_heads: int = 4  # num_attention_heads
     n_kv_heads: int = 2  # num_key_value_heads: = n_heads is MHA, 1 is MQA, in between GQA
     d_ff: int = 172  # intermediate_size (Llama: about 8/3 d, rounded)
-    max_seq_len: int = 512  # max_position_embeddings (informational: RoPE has no table)
+    max_seq_len: int = 512  # max_position_embeddings (informational: the RoPE table grows as needed)
     rope_theta: float = 10000.0  # rope_theta
     norm_eps: float = 1e-5  # rms_norm_eps (released Llama-2/3 configs use 1e-5)
     tie_embeddings: bool = False  # tie_word_embeddings: lm_head shares the embedding matrix
@@ -83,9 +83,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     gain's dtype. With weight = 1 every output row has root-mean-square 1 (up to eps).
     """
     dtype = x.dtype
-    h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * h.to(dtype)).to(dtype)  # a float32 gain times bfloat16 would promote to float32
+    if dtype in (torch.float16, torch.bfloat16):
+        h = x.float()
+        return (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)).to(dtype)
+    y = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return y if y.dtype == dtype else y.to(dtype)  # a float64 gain would promote float32 x to float64
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -99,16 +101,53 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
         x'[i + d/2] = x[i + d/2] cos(m w_i) + x[i] sin(m w_i)
     i.e. x' = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1), cos/sin = cat(a, a).
     Angles in float32 (float64 for float64 x). Returns x's shape and dtype. Norms are preserved and
-    <apply_rope(q, m), apply_rope(k, n)> depends on m - n only.
+    <apply_rope(q, m), apply_rope(k, n)> depends on m - n only. The cos/sin values are looked up in a
+    table computed once (as HF's rotary embedding caches them), so a decode step does no trigonometry.
     """
     d = x.shape[-1]
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=dtype) / d))  # (d/2,)
-    angles = positions.to(dtype)[:, None] * inv_freq  # (T, d/2): angle m * w_i
+    cos, signed_sin = _rope_table_rows(positions, d, theta, x.dtype)  # (T, d) each
+    # rotate_half(x) * sin = cat(x2, x1) * cat(-sin_a, sin_a): the sign lives in the table, and
+    # roll(x, d/2) swaps the halves in one op (the same numbers as cat(-x2, x1) * sin, bit for bit)
+    return x * cos + x.roll(d // 2, dims=-1) * signed_sin
+
+
+_ROPE_TABLES: dict[tuple, torch.Tensor] = {}  # (d, theta, dtype, device) -> (n, 2, d): cos, signed sin
+_ROPE_TABLE_MAX = 1 << 20  # positions beyond this are computed directly, not tabled
+
+
+def _rope_table_rows(positions: torch.Tensor, d: int, theta: float,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, cat(-sin_a, sin_a)) of the positions, (T, d) each, read from a table built once per (d,
+    theta, dtype, device) for positions 0 .. n-1 and grown (to twice the size, at least) when a larger
+    position comes: a decode step costs one index_select instead of a pow, a product, a cos and a sin.
+    The table holds exactly the values the direct formula gives (the same float products of integer
+    positions). Negative or non-integer positions are computed directly."""
+    key = (d, float(theta), dtype, positions.device)
+    table = _ROPE_TABLES.get(key)
+    if table is not None:
+        try:
+            rows = table.index_select(0, positions)  # (T, 2, d); raises for an index < 0 or >= n
+            return rows[:, 0], rows[:, 1]
+        except (IndexError, RuntimeError):  # beyond the table, or positions not integers
+            pass
+    if (positions.is_floating_point() or positions.numel() == 0 or int(positions.min()) < 0
+            or int(positions.max()) >= _ROPE_TABLE_MAX):
+        return _rope_rows_direct(positions, d, theta, dtype)
+    n = min(max(int(positions.max()) + 1, 2 * (0 if table is None else table.shape[0]), 512), _ROPE_TABLE_MAX)
+    table = _ROPE_TABLES[key] = torch.stack(_rope_rows_direct(torch.arange(n, device=positions.device), d, theta,
+                                                              dtype), dim=1)  # (n, 2, d)
+    rows = table.index_select(0, positions)
+    return rows[:, 0], rows[:, 1]
+
+
+def _rope_rows_direct(positions: torch.Tensor, d: int, theta: float,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=angle_dtype, device=positions.device) / d))  # (d/2,)
+    angles = positions.to(angle_dtype)[:, None] * inv_freq  # (T, d/2): angle m * w_i
     emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    sin = emb.sin()
+    return emb.cos().to(dtype), torch.cat((-sin[:, : d // 2], sin[:, d // 2:]), dim=-1).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,15 +199,17 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.length = 0  # tokens already stored (advanced by Transformer.forward after all layers)
+        self._layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layers)]  # per-layer views, made once
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' k, v (B, n_kv, T, d) and return all of this layer's keys and values."""
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
             raise ValueError(f"KV cache full: {end} tokens > max_len {self.k.shape[3]}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        layer_k, layer_v = self._layers[layer]  # (B, n_kv, max_len, d)
+        layer_k[:, :, self.length:end] = k
+        layer_v[:, :, self.length:end] = v
+        return layer_k[:, :, :end], layer_v[:, :, :end]
 
     @property
     def nbytes(self) -> int:
@@ -178,7 +219,8 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rope_fn: Callable = apply_rope):
         super().__init__()
-        self.cfg, self.layer, self.rope_fn = cfg, layer, rope_fn
+        self.layer, self.rope_fn, self.rope_theta = layer, rope_fn, cfg.rope_theta
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, H * hd, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, K * hd, bias=False)
@@ -187,17 +229,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        H, K, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, K, hd).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, K, hd).transpose(1, 2)  # (B, K, T, hd)
-        q = self.rope_fn(q, positions, self.cfg.rope_theta)
-        k = self.rope_fn(k, positions, self.cfg.rope_theta)
+        qk = self.rope_fn(torch.cat((q, k), dim=1), positions, self.rope_theta)  # one call rotates both
+        q, k = qk[:, :H], qk[:, H:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, hd), S = cached + T
         k, v = expand_kv_heads(k, H // K), expand_kv_heads(v, H // K)  # (B, H, S, hd)
         scores = q @ k.transpose(-2, -1) / math.sqrt(hd)  # (B, H, T, S)
-        scores = scores.masked_fill(~causal_mask(T, k.shape[2]), float("-inf"))
+        if T > 1:  # a single query is the newest token: it may see every key, so there is no mask
+            scores = scores.masked_fill(~causal_mask(T, k.shape[2]), float("-inf"))
         probs = softmax_last_dim(scores)
         out = (probs @ v).transpose(1, 2).reshape(B, T, H * hd)  # heads side by side again
         return self.o_proj(out)
