@@ -95,7 +95,7 @@ def test_output_folder_under_a_file_is_exit_3_before_any_work(command, tmp_path,
     no_work(monkeypatch)
     target = under_a_file(tmp_path)
     assert_clean_error(invoke(*command, "--out", target), 3, f"cannot write to the output folder {target}",
-                       "a part of the path is a file", "nothing was done")
+                       "a part of its path is a file", "nothing was done")
     assert (tmp_path / "blocker").read_text() == "a regular file\n"
 
 

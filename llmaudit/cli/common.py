@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Iterator
 
@@ -22,6 +21,7 @@ from rich.progress import (BarColumn, Progress, ProgressColumn, SpinnerColumn, T
 from rich.text import Text
 
 from llmaudit.config import ConfigError
+from llmaudit.paths import write_problem
 from llmaudit.record import RecordError
 from llmaudit.registry import BrokenAudit, UnknownName
 
@@ -60,18 +60,8 @@ def writable_dir(path: Path, option: str = "--out") -> Path:
     """Create ``path`` if needed and prove that a file can be written in it (create and delete one),
     before any work is done, so an unusable output folder is exit 3 up front, not a lost result."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".llmaudit-write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        if isinstance(exc, FileExistsError) or (path.exists() and not path.is_dir()):
-            reason = "it is a file, not a folder"
-        elif isinstance(exc, NotADirectoryError):
-            reason = "a part of the path is a file, not a folder"
-        else:
-            reason = exc.strerror or type(exc).__name__
+    reason = write_problem(path)
+    if reason is not None:
         raise EnvironmentProblem(f"cannot write to the output folder {path} ({reason}), so nothing was done. Choose a "
                                  f"folder you can write with {option} DIR, or fix its permissions.") from None
     return path

@@ -10,12 +10,13 @@ import errno
 import hashlib
 import os
 import sqlite3
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from fsrs import Card, Rating, Scheduler
+
+from llmaudit.paths import write_problem
 
 APP, SCHEMA_VERSION = "llmaudit", 1
 LEARN_AHEAD = timedelta(minutes=20)  # learning cards due within this window are shown again this session
@@ -80,17 +81,9 @@ def _where(folder: Path) -> str:
 def _write_problem(folder: Path, db: Path) -> str | None:
     """Why nothing can be written in ``folder`` or to ``db`` (a real write probe: a temporary file is
     created and deleted), or None when both are writable."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".llmaudit-write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        if isinstance(exc, FileExistsError) or (folder.exists() and not folder.is_dir()):
-            return "it is a file, not a folder"
-        if isinstance(exc, NotADirectoryError):
-            return "a part of its path is a file, not a folder"
-        return exc.strerror or type(exc).__name__
+    problem = write_problem(folder)
+    if problem is not None:
+        return problem
     if db.exists() and not os.access(db, os.W_OK):
         return os.strerror(errno.EACCES)
     return None

@@ -55,7 +55,7 @@ class TransformerConfig:
         "d_model": ">= 1", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1", "d_ff": ">= 1",
         "rope_theta": "> 1", "n_symbols": ">= 2", "n_items": ">= 1", "steps": ">= 1", "batch_size": ">= 1",
         "lr": ">= 0", "warmup_steps": ">= 0", "eval_size": ">= 1", "min_exact_match": "[0, 1]",
-        "decode_steps": ">= 1", "speed_new_tokens": ">= 1", "n_rows": ">= 1",
+        "decode_steps": ">= 1", "speed_new_tokens": ">= 1", "speed_repeats": ">= 1", "n_rows": ">= 1",
     }
 
     def __post_init__(self):
