@@ -1,5 +1,5 @@
 """Fast start: list, roadmap, quiz and progress need neither torch nor the audits, and the YAML
-content is parsed once per process with libyaml (scripts/bench_cli.py times them; no timed tests)."""
+content is parsed once per process with libyaml (scripts/bench.py times them; no timed tests)."""
 from __future__ import annotations
 
 import json
