@@ -404,17 +404,25 @@ def ratio_is_one_on_first_minibatch(trained):
 def k1_and_k3_are_unbiased_for_the_exact_kl(kl_estimators, trained, cfg):
     """At every position of the trained policy's samples, averaging k1 or k3 over the whole next-token
     distribution of pi gives exactly KL(pi || pi_ref) -- no sampling, so the heavy tail of k3 where pi has
-    moved far from pi_ref cannot hide a bias (a z-test with the sample's own standard error could)."""
+    moved far from pi_ref cannot hide a bias (a z-test with the sample's own standard error could). The
+    policy is taken as trained and sharpened (logits x 4), far from pi_ref: where training stayed close,
+    no token has pi_ref / pi > 11 and a k3 clamped at 10 (as verl clamps it) would go unseen."""
     tokens, mask, P = trained.after["tokens"], trained.after["mask"].bool(), M.prompt_len(cfg)
     with torch.no_grad():
-        logp, logq = (torch.log_softmax(M.response_logits(m, tokens, P).double() / cfg.temperature, dim=-1)
-                      for m in (trained.policy, trained.reference))  # (B, T, V) each
-    p = logp.exp()
-    exact = (p * (logp - logq)).sum(-1)  # (B, T)
-    k1, _, k3 = kl_estimators(logp, logq)  # every next token, not only the sampled one
-    return measure({"k1": ((p * k1).sum(-1) - exact)[mask].abs(), "k3": ((p * k3).sum(-1) - exact)[mask].abs()},
-                   f"{int(mask.sum())} positions; exact KL per token up to {exact[mask].max().item():.2f} nats, "
-                   f"{exact.sum(1).mean().item():.2f} per sequence")
+        logits, ref_logits = (M.response_logits(m, tokens, P).double() / cfg.temperature
+                              for m in (trained.policy, trained.reference))  # (B, T, V) each
+    logq, errors = torch.log_softmax(ref_logits, dim=-1), {"k1": [], "k3": []}
+    for sharpen in (1.0, 4.0):
+        logp = torch.log_softmax(sharpen * logits, dim=-1)
+        p = logp.exp()
+        exact = (p * (logp - logq)).sum(-1)  # (B, T)
+        k1, _, k3 = kl_estimators(logp, logq)  # every next token, not only the sampled one
+        errors["k1"].append(((p * k1).sum(-1) - exact)[mask].abs())
+        errors["k3"].append(((p * k3).sum(-1) - exact)[mask].abs())
+        if sharpen == 1.0:
+            detail = (f"{int(mask.sum())} positions, as trained and sharpened; exact KL per token up to "
+                      f"{exact[mask].max().item():.2f} nats, {exact.sum(1).mean().item():.2f} per sequence")
+    return measure({k: torch.cat(v) for k, v in errors.items()}, detail)
 
 
 @ppo.check(">= min_gold_gain", kind="outcome",

@@ -179,7 +179,8 @@ MUTANTS = [
     Mutant("sft_policy_ends_answers_with_eos", "two SFT steps", overrides={"sft_steps": "2"}),
     Mutant("reward_model_ranks_heldout_pairs", "RM trained on flipped labels",
            patch=lambda: mock.patch.object(RM, "train_reward_model", _flipped_training)),
-    Mutant("ppo_raises_the_gold_reward", "one PPO iteration", overrides={"iterations": "1"}),
+    # one PPO iteration already gains 0.5-2.7: across seeds and CPU kernels the toy cannot tell it from ten
+    Mutant("ppo_raises_the_gold_reward", "the policy never updated (actor lr 0)", overrides={"actor_lr": "0"}),
     Mutant("ppo_raises_the_reward_model_score", "score subtracted", {"kl_penalized_rewards": _score_subtracted}),
     Mutant("ppo_kl_to_sft_bounded", "KL term dropped", {"kl_penalized_rewards": _kl_term_dropped}),
 ]

@@ -65,8 +65,9 @@ FORMULAS = [
 @dataclass(frozen=True)
 class PPOConfig:
     """What the ppo audit runs: the counting task and its models, PPO itself, the reward-hacking run.
-    The outcome bars come from `llmaudit sweep ppo` (toy seeds 0-19, full seeds 0-4); each comment
-    says the worst seed and the margin left."""
+    The outcome bars come from `llmaudit sweep ppo` (toy seeds 0-19, full seeds 0-9; 0-4 with avx2), run once as is and
+    once with ATEN_CPU_CAPABILITY=avx2 (other CPU kernels, other rounding); each comment says the worst
+    value, and every bar keeps >= 10 % margin to it."""
 
     # the task and the models (the reward_model module's counting task)
     n_symbols: int = 6  # digits 0..n_symbols-1, then <bos> <sep> <eos> <pad>
@@ -100,12 +101,20 @@ class PPOConfig:
     hack: bool = True  # run the reward-hacking experiment
     hack_iterations: int = 14
     decoy_bonus: float = 3.0  # the proxy: gold + decoy_bonus x count(decoy digit)
-    # outcome bars (see the class docstring); full mode is at least as strict as toy
-    min_gold_gain: float = 2.15  # gold of the PPO policy minus the SFT policy's; worst toy 2.39 (full: 3.2, worst 3.61)
-    max_kl: float = 4.1  # exact sequence KL(PPO policy || SFT) at the end, nats; worst toy 3.11, full 3.66;
+    # outcome bars (see the class docstring). The closed loop is chaotic: the last bits of floating point
+    # (which CPU kernels torch picks) move one full seed's gold gain from 1.6 to 3.7, so the worst values
+    # below are over seeds AND numeric paths. Full mode poses a harder task (TASK_FIELDS), with its own bars.
+    min_gold_gain: float = 2.1  # gold of the PPO policy minus the SFT policy's; worst toy 2.36 (full: 1.45, worst
+    # 1.63); gradient ascent on the loss ends at -1.4 or lower
+    max_kl: float = 4.35  # exact sequence KL(PPO policy || SFT) at the end, nats; worst toy 3.88, full 3.90;
     # without the penalty (beta = 0) the toy runs end at 5.05-8.7 nats
-    min_proxy_gain: float = 15.0  # hacking: proxy score, last rollouts minus first; worst toy 21.7, full 19.2
-    min_hack_gold_drop: float = 1.0  # hacking: the gold reward's peak (3-iteration mean) minus its end; worst full 1.45
+    min_proxy_gain: float = 15.0  # hacking: proxy score, last rollouts minus first; worst toy 21.7, full 17.2
+    min_hack_gold_drop: float = 1.0  # hacking: the gold reward's peak (3-iteration mean) minus its end; worst toy
+    # 1.86 (full: 0.65, worst 0.73); with an unbiased annotator it drops by 0.05 at most
+
+    # fields that define the task: where toy and full differ in one (full mode's prompt names the digit to
+    # count), the presets pose different problems and full bars are not held to the toy bars
+    TASK_FIELDS = ("target_from_prompt",)
 
     # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
     RANGES = {
@@ -138,7 +147,8 @@ class PPOConfig:
         # the prompt names the digit to count: a harder reward model, hence 300 RM steps (150 reached 0.87-0.90
         # held-out accuracy and gold gains down to 2.16)
         return cls(target_from_prompt=True, sft_steps=250, rm_steps=300, iterations=30, rollout_batch=128,
-                   kl_coef=0.3, eval_prompts=512, hack_iterations=30, min_gold_gain=3.2)
+                   kl_coef=0.3, eval_prompts=512, hack_iterations=30, min_gold_gain=1.45,
+                   min_hack_gold_drop=0.65)
 
 
 # ---------------------------------------------------------------------------------------------------

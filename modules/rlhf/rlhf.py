@@ -61,12 +61,13 @@ ALGORITHM_ROLES = {
 @dataclass(frozen=True)
 class RLHFConfig(PPO.PPOConfig):
     """The three stages: the ppo module's task and PPO settings, plus the pipeline's own bars. Bars come from
-    `llmaudit sweep rlhf` (toy seeds 0-19, full seeds 0-4), below the worst seed with the margin stated;
-    full mode is at least as strict as toy."""
+    `llmaudit sweep rlhf` (toy seeds 0-19, full seeds 0-9; 0-4 with avx2), run once as is and once with
+    ATEN_CPU_CAPABILITY=avx2 (other CPU kernels, other rounding: the closed loop is chaotic), below the
+    worst value with >= 10 % margin. Full mode's task is harder (see PPOConfig.TASK_FIELDS)."""
 
     hack: bool = False  # the reward-hacking experiment belongs to the ppo audit
     critic_from_rm: bool = True  # InstructGPT initialises the value model from the reward model
-    min_rm_accuracy: float = 0.8  # stage 2 held-out pairwise accuracy; worst toy 0.980, full 0.899
+    min_rm_accuracy: float = 0.8  # stage 2 held-out pairwise accuracy; worst toy 0.982 (full: 0.77, worst 0.849)
     min_eos_rate: float = 0.84  # stage 1 samples that end with <eos> within max_len + 1; worst toy 0.926
     min_score_gain: float = 0.5  # RM score of the PPO policy's samples minus SFT's; worst toy 2.06, full 2.21
 
@@ -78,15 +79,17 @@ class RLHFConfig(PPO.PPOConfig):
     @classmethod
     def toy(cls) -> RLHFConfig:
         # 30 SFT steps (the ppo toy) leave 5-10 % of answers without <eos>; the stronger SFT model then
-        # drifts faster, hence beta 0.2 instead of 0.1. Worst toy seed: gold gain 3.37 (bar 3.0), KL 3.92 nats
-        # (bar 4.85; collapsing onto the reward model's favourite answer costs 5.4-8.7 nats)
-        return cls(sft_steps=60, rm_steps=50, iterations=10, kl_coef=0.2, min_gold_gain=3.0, max_kl=4.85)
+        # drifts faster, hence beta 0.3 (at 0.2 the worst KL, 4.88 nats, came within 6 % of a run without
+        # the KL term, 5.2-13 nats). Worst toy: gold gain 2.52 (bar 2.25), KL 3.58 nats (bar 4.0)
+        return cls(sft_steps=60, rm_steps=50, iterations=10, kl_coef=0.3, min_gold_gain=2.25, max_kl=4.0)
 
     @classmethod
     def full(cls) -> RLHFConfig:
-        # worst full seed: gold gain 3.77 (bar 3.3), <eos> rate 0.994 (bar 0.9), KL 4.34 nats (bar 4.85)
+        # worst full: gold gain 1.79 (bar 1.6), <eos> rate 0.992 (bar 0.9), KL 4.44 nats (bar 4.95), RM accuracy
+        # 0.849 (bar 0.77): the weakest reward model is the one PPO exploits most
         return cls(target_from_prompt=True, sft_steps=250, rm_steps=300, iterations=30, rollout_batch=128, kl_coef=0.15,
-                   eval_prompts=512, rm_eval_pairs=2048, min_gold_gain=3.3, max_kl=4.85, min_eos_rate=0.9)
+                   eval_prompts=512, rm_eval_pairs=2048, min_gold_gain=1.6, max_kl=4.95, min_eos_rate=0.9,
+                   min_rm_accuracy=0.77)
 
 
 def critic_from_reward_model(rm: Transformer) -> Transformer:
