@@ -36,7 +36,9 @@ def main() -> int:
                             str(args.jobs), "--save", str(out)], check=False, stdout=subprocess.DEVNULL)
             new = {m["module"]: m for m in json.loads(out.read_text())["modules"]}
             doc = json.loads((SWEEPS / f"{mode}.json").read_text())
-            doc["modules"] = [new.get(m["module"], m) for m in doc["modules"]]
+            known = {m["module"] for m in doc["modules"]}
+            doc["modules"] = [new.get(m["module"], m) for m in doc["modules"]] + \
+                [m for name, m in new.items() if name not in known]  # a module swept for the first time
             checks = [c for m in doc["modules"] for c in m["checks"]]
             doc["ok"] = all(c["passed"] == c["n"] for c in checks) and not any(m["run_errors"] for m in doc["modules"])
             doc["goal_met"] = all(c["meets_goal"] for c in checks)
@@ -55,6 +57,7 @@ def main() -> int:
                     done.add(r["module"])
             else:
                 rows.append(r)
+        rows += [n for n in new_rows if n["module"] not in done]  # a module swept for the first time
         doc["mutants"], doc["ok"] = rows, all(not r["survived_on"] for r in rows)
         _write(SWEEPS / "mutants.json", doc)
         print(f"mutants: ok {doc['ok']}")
