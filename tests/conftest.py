@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
 from unittest import mock
@@ -25,6 +26,8 @@ configure_torch()  # one intra-op thread, as in the runner: tiny tensors on shar
 os.environ.setdefault("NO_COLOR", "1")
 os.environ.setdefault("COLUMNS", "200")
 os.environ.setdefault("_TYPER_FORCE_DISABLE_TERMINAL", "1")
+# progress and the content cache go to a folder of the test run, never to the user's own data folder
+os.environ.setdefault("LLMAUDIT_HOME", tempfile.mkdtemp(prefix="llmaudit-tests-"))
 
 
 def audit_once(module: str, mode: str = "toy", seed: int = 0, overrides: dict[str, str] | None = None,
