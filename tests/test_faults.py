@@ -165,11 +165,15 @@ def test_healthy_database_in_a_read_only_folder_is_called_read_only_not_unreadab
     db = home / "progress.sqlite3"
     before = hashlib.md5(db.read_bytes()).hexdigest()
     with read_only_folder(home):
-        results = [invoke("progress", "--out", tmp_path / "reports"), invoke("quiz", "--day", "1", input="q\n")]
-    for result in results:
-        assert_clean_error(result, 3, f"{db} is read-only", "Your progress in it is intact and was not touched",
-                           f"Make {home} writable")
-        assert "move it away" not in result.output + result.stderr
+        quiz = invoke("quiz", "--day", "1", input="q\n")  # must write: refused, the file untouched
+        shown = [invoke(cmd, "--out", tmp_path / "reports") for cmd in ("progress", "roadmap")]  # only read: shown
+        assert sorted(p.name for p in home.iterdir()) == ["progress.sqlite3"]  # no journal, -wal or -shm
+    assert_clean_error(quiz, 3, f"{db} is read-only", "Your progress in it is intact and was not touched",
+                       f"Make {home} writable")
+    assert "move it away" not in quiz.output + quiz.stderr
+    for result in shown:
+        assert result.exit_code == 0, result.output + result.stderr
+        assert f"{db} is read-only: showing your progress" in " ".join(result.stderr.split())
     assert hashlib.md5(db.read_bytes()).hexdigest() == before
 
 

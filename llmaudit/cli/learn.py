@@ -30,7 +30,9 @@ def resolve_lang(lang: str | None) -> str:
     return "en"
 
 
-def _open():
+def _open(read_only: bool = False):
+    """Content and progress store. ``read_only``: a command that only shows progress also opens a
+    database it cannot write (read-only folder or file), and says so on stderr."""
     from llmaudit.learn.load import ContentError, content
     from llmaudit.learn.store import Store, StoreError
 
@@ -39,9 +41,13 @@ def _open():
     except ContentError as exc:
         raise EnvironmentProblem(f"the shipped quiz content is invalid (please report this):\n{exc}") from None
     try:
-        return c, Store()
+        store = Store(read_only=read_only)
     except StoreError as exc:
         raise EnvironmentProblem(str(exc)) from None
+    if store.read_only:
+        err().print(f"note: {store.path} is read-only: showing your progress from it; quiz and review need to "
+                    "write to it.", soft_wrap=True)
+    return c, store
 
 
 def _days_left(interview_date: str | None, store) -> int | None:
@@ -196,7 +202,7 @@ def progress(lang: LangOpt = None, out_dir: OutOpt = DEFAULT_OUT, json_mode: Jso
     with errors(json_mode):
         l = resolve_lang(lang)
         writable_dir(out_dir)
-        c, store = _open()
+        c, store = _open(read_only=True)
         try:
             p = compute(c, store, utc_now(), l)
         finally:
@@ -238,7 +244,7 @@ def roadmap(lang: LangOpt = None, out_dir: OutOpt = DEFAULT_OUT, json_mode: Json
 
     with errors(json_mode):
         l = resolve_lang(lang)
-        c, store = _open()
+        c, store = _open(read_only=True)
         try:
             p = {d.day: d for d in compute(c, store, utc_now(), l).days}
         finally:

@@ -90,9 +90,21 @@ def _write_problem(folder: Path, db: Path) -> str | None:
 
 
 class Store:
-    def __init__(self, path: Path | None = None):
+    """The progress database. ``read_only=True`` (commands that only show progress) opens a database
+    that cannot be written as it is, read-only, instead of refusing it; ``self.read_only`` says which."""
+
+    def __init__(self, path: Path | None = None, *, read_only: bool = False):
         self.path = Path(path) if path is not None else home() / "progress.sqlite3"
         problem = _write_problem(self.path.parent, self.path)
+        self.read_only = bool(problem and read_only and self.path.is_file())
+        if self.read_only:  # immutable: sqlite creates no journal, -wal or -shm file beside it
+            try:
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+                self._check()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path} is not a readable llmaudit progress database ({exc}). It was left "
+                                 f"untouched.") from None
+            return
         if problem and self.path.is_file():
             raise StoreError(f"{self.path} is read-only ({problem}): llmaudit must write to it to save your answers. "
                              f"Your progress in it is intact and was not touched. Make {self.path.parent} writable "
