@@ -171,18 +171,35 @@ def _has(value: Any, test: str) -> bool:
 
 class KernelSpy:
     """Wraps the user's function: counts calls, calls that turned finite inputs into NaN (or inf, for
-    kernels whose outputs should be finite), and the time spent inside it."""
+    kernels whose outputs should be finite), and the time spent inside it. On the first TIMED_CALLS
+    calls it also times the reference on a copy of the same inputs, so "slow" compares like with like
+    (a loaded machine slows both)."""
+
+    TIMED_CALLS = 5
 
     def __init__(self, fn: Callable, kernel: Kernel):
         self.fn, self.kernel = fn, kernel
         self.calls = self.nan_calls = self.inf_calls = self.exits = 0
         self.seconds = 0.0
+        self.timed_calls, self.timed_mine_s, self.timed_ref_s = 0, 0.0, 0.0  # same inputs, both functions
         self.__name__ = kernel.name
         self.__wrapped__ = fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import copy
         import time
 
+        if self.timed_calls < self.TIMED_CALLS:  # time the reference on a copy of the same inputs first
+            import torch
+
+            try:
+                ref_args, ref_kwargs = copy.deepcopy((args, kwargs))
+                with torch.random.fork_rng(devices=[]):  # the audit's random stream stays as it was
+                    start = time.perf_counter()
+                    self.kernel.fn(*ref_args, **ref_kwargs)
+                    ref_s = time.perf_counter() - start
+            except Exception:  # noqa: BLE001 - an input that cannot be copied: no comparison for this call
+                ref_s = None
         start = time.perf_counter()
         try:
             out = self.fn(*args, **kwargs)
@@ -191,8 +208,13 @@ class KernelSpy:
             raise UserCodeExited(f"your {self.kernel.name} {_exit_text(exc)}: a kernel returns its result and "
                                  "never ends the program") from None
         finally:
-            self.seconds += time.perf_counter() - start
+            took = time.perf_counter() - start
+            self.seconds += took
             self.calls += 1
+        if self.timed_calls < self.TIMED_CALLS and ref_s is not None:
+            self.timed_calls += 1
+            self.timed_mine_s += took
+            self.timed_ref_s += ref_s
         inputs = (args, kwargs)
         if _has(out, "nan") and not _has(inputs, "nan"):
             self.nan_calls += 1
@@ -357,8 +379,10 @@ def _check_steps(conn, kernel_name: str, path: str, mode: str, seeds: list[int])
     spy = KernelSpy(fn, k)
     rec = run_audit(k.module, mode=mode, seeds=seeds, kernels={k.name: spy}, kernel_sources={k.name: path},
                     only=mine, progress=lambda f: conn.send(("progress", f)))
-    note = slow_note(k.name, spy.seconds / spy.calls, None, f"on average over the audit's {spy.calls} calls") \
-        if spy.calls else None
+    note = None
+    if spy.timed_calls:  # slow against the reference on the audit's own inputs, not on an absolute clock
+        note = slow_note(k.name, spy.timed_mine_s / spy.timed_calls, spy.timed_ref_s / spy.timed_calls,
+                         f"on the audit's inputs ({spy.timed_calls} calls timed beside the reference)")
     conn.send(("done", rec, spy.findings() + ([note] if note else []), spy.to_dict()))
 
 
