@@ -49,10 +49,10 @@ def test_paged_attention_equals_attention_over_the_gathered_keys(B, heads, S_b, 
 def test_padding_entries_of_the_block_table_are_never_read():
     ex = get_audit("inference").kernel("paged_attention").example()  # block size 4, contexts 11 and 6
     ex["block_tables"][0] = torch.tensor([3, 2, 5])  # now block 0 only pads row 1 (6 tokens fit in blocks 1, 4)
-    ex["key_cache"][0] = float("nan")
-    ex["value_cache"][0] = float("nan")
-    out = M.paged_attention(**ex)
-    assert out.shape == (2, 4, 8) and torch.isfinite(out).all()
+    ex["key_cache"][0], ex["value_cache"][0] = 0.0, 0.0
+    clean = M.paged_attention(**ex)
+    ex["key_cache"][0], ex["value_cache"][0] = 1e6, -1e6  # stale data of another sequence
+    assert torch.equal(M.paged_attention(**ex), clean)
 
 
 def test_allocator_counts_references_and_recycles_blocks():
@@ -135,11 +135,11 @@ def test_both_schedulers_serve_every_request_fully_and_free_the_pool():
 # Speculative decoding
 
 
-probs = st.integers(2, 5).flatmap(lambda V: st.tuples(st.just(V), st.integers(0, 2**31 - 1)))
+probs = st.integers(2, 4).flatmap(lambda V: st.tuples(st.just(V), st.integers(0, 2**31 - 1)))
 
 
-@settings(max_examples=25, deadline=None)
-@given(probs, st.integers(1, 3))
+@settings(max_examples=15, deadline=None)
+@given(probs, st.integers(1, 2))
 def test_speculative_marginals_are_exactly_the_target_for_context_free_tables(vs, gamma):
     V, seed = vs
     g = torch.Generator().manual_seed(seed)
