@@ -337,3 +337,12 @@ def test_mutant_breaks_its_check(mutant):
 
 def test_every_check_has_a_mutant():
     assert_every_check_has_a_mutant("inference", MUTANTS)
+
+
+def test_chi_square_pools_small_cells_and_matches_known_values():
+    stat, dof, p = M.chi_square_test(torch.tensor([10.0, 10, 10, 10]), torch.tensor([10.0, 10, 10, 10]))
+    assert (stat, dof, p) == (0.0, 3, 1.0)
+    stat, dof, p = M.chi_square_test(torch.tensor([18.0, 22, 30, 30]), torch.tensor([25.0, 25, 25, 25]))
+    assert dof == 3 and stat == pytest.approx(4.32) and p == pytest.approx(0.2289, abs=1e-4)  # chi2.sf(4.32, 3)
+    _, dof, _ = M.chi_square_test(torch.tensor([1.0, 2, 50, 47]), torch.tensor([3.0, 3, 47, 47]))
+    assert dof == 2  # the two cells expected at 3 are pooled into one of 6

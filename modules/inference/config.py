@@ -94,10 +94,13 @@ class InferenceConfig:
                    unigram_rounds=100000, ppl_samples=256, min_throughput_gain=2.3, min_p99_latency_gain=3.4,
                    min_tokens_per_call=2.3)
 
-    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size or self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+    def model_config(self, vocab_size: int | None = None, n_layers: int | None = None) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size or self.vocab_size, d_model=self.d_model,
+                           n_layers=n_layers or self.n_layers,
                            n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_ff=self.d_ff, init_std=self.init_std)
 
 
-def sharp_model(cfg: InferenceConfig, generator: torch.Generator, vocab_size: int | None = None) -> Transformer:
-    return Transformer(cfg.model_config(vocab_size), generator=generator).eval()
+def sharp_model(cfg: InferenceConfig, generator: torch.Generator, vocab_size: int | None = None,
+                n_layers: int | None = None) -> Transformer:
+    """A random tiny Llama initialised from generator (init std cfg.init_std: sharp, far from uniform logits)."""
+    return Transformer(cfg.model_config(vocab_size, n_layers), generator=generator).eval()

@@ -69,7 +69,8 @@ class ServeResult:
     steps: int = 0  # makespan in model steps
     wall_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)  # sequences computed per step
-    blocks_used: list[int] = field(default_factory=list)  # physical blocks held after each step
+    blocks_used: list[int] = field(default_factory=list)  # physical blocks allocated after each step
+    blocks_held: list[int] = field(default_factory=list)  # blocks the policy keeps from others (static: its reservation)
     tokens_stored: list[int] = field(default_factory=list)  # K/V slots holding a real token after each step
     preemptions: int = 0
     leaked_blocks: int = 0  # blocks still held after every request was returned (0 when freeing works)
@@ -85,9 +86,10 @@ class ServeResult:
                 "tokens_per_second": generated / max(self.wall_seconds, 1e-9), "steps": self.steps}
 
 
-def _record(result: ServeResult, cache: PagedKVCache, batch: int) -> None:
+def _record(result: ServeResult, cache: PagedKVCache, batch: int, held: int | None = None) -> None:
     result.batch_sizes.append(batch)
     result.blocks_used.append(cache.n_blocks - cache.n_free)
+    result.blocks_held.append(result.blocks_used[-1] if held is None else held)
     result.tokens_stored.append(sum(cache.lengths.values()))
 
 
@@ -173,7 +175,7 @@ def serve_static(model: Transformer, trace: list[Request], n_blocks: int, block_
             result.tokens[r.id].append(int(paged_prefill(model, cache, r.id, r.prompt).argmax()))
             result.first_token[r.id] = t + 1
         t += 1
-        _record(result, cache, len(batch))
+        _record(result, cache, len(batch), reserved)
         for _ in range(max(r.output_len for r in batch) - 1):  # decode until the longest is done
             active = [r for r in batch if len(result.tokens[r.id]) < r.output_len]
             last = torch.tensor([result.tokens[r.id][-1] for r in active])
@@ -181,7 +183,7 @@ def serve_static(model: Transformer, trace: list[Request], n_blocks: int, block_
             for r, token in zip(active, logits.argmax(-1).tolist()):
                 result.tokens[r.id].append(token)
             t += 1
-            _record(result, cache, len(batch))  # finished rows still hold their slot until the batch ends
+            _record(result, cache, len(batch), reserved)  # finished rows hold their slot until the batch ends
         for r in batch:
             cache.free(r.id)
             result.finish[r.id] = t

@@ -23,7 +23,8 @@ import torch
 from modules.transformer import ModelConfig, Transformer
 
 __all__ = ["speculative_accept", "expected_tokens_per_call", "layer_skip_draft", "token_probs",
-           "speculative_generate", "target_continuation_distribution", "exact_speculative_distribution"]
+           "speculative_generate", "target_continuation_distribution", "exact_speculative_distribution",
+           "chi_square_test"]
 
 
 def speculative_accept(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,
@@ -148,3 +149,23 @@ def exact_speculative_distribution(p_of: Callable, q_of: Callable, V: int, gamma
 
     visit((), 1.0)
     return out
+
+
+def chi_square_test(observed: torch.Tensor, expected: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int, float]:
+    """Pearson's chi-square goodness of fit -> (statistic, degrees of freedom, p-value).
+
+    The chi-square approximation needs expected counts of about 5 or more, so the cells expected below
+    min_expected are pooled (smallest first, until the pool reaches it) into one cell; dof = cells - 1.
+    p-value = Q(dof / 2, statistic / 2), the regularised upper incomplete gamma function."""
+    order = expected.argsort()
+    cum = expected[order].cumsum(0)
+    n_pooled = int((cum < min_expected).sum()) + 1 if expected.min() < min_expected else 0
+    n_pooled = min(n_pooled, len(expected))
+    if n_pooled:
+        pooled, kept = order[:n_pooled], order[n_pooled:]
+        observed = torch.cat([observed[kept], observed[pooled].sum().view(1)])
+        expected = torch.cat([expected[kept], expected[pooled].sum().view(1)])
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    dof = len(expected) - 1
+    p_value = torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic.double() / 2).item()
+    return statistic.item(), dof, p_value
