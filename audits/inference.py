@@ -395,7 +395,12 @@ def scheduler_table(ctx, served, cfg):
         held = torch.tensor(result.blocks_held, dtype=F64).clamp_min(1) * cfg.block_size
         ctx.series(f"kv/{result.policy}_utilisation", torch.tensor(result.tokens_stored, dtype=F64) / held,
                    x_label="model step", group="kv/utilisation", smooth=False, label=f"{result.policy} batching",
-                   y_label="tokens stored / slots held", title="KV block utilisation (static holds its reservation)")
+                   y_label="share of held slots storing a token", title="KV block utilisation (static holds its reservation)")
+    summaries = [r.summary(trace) for r in (static, continuous)]
+    ctx.series("scheduler/latency", [x[f"latency_{q}"] for x in summaries for q in ("p50", "p99")],
+               x_label="policy and percentile", smooth=False, label="request latency",
+               y_label="model steps (arrival to last token)", title="Request latency: static vs continuous batching",
+               ticks=["static p50", "static p99", "continuous p50", "continuous p99"], key=True)
     ctx.table(f"Static vs continuous batching ({cfg.n_requests} requests, {cfg.kv_blocks} blocks of "
               f"{cfg.block_size}; time in model steps)",
               ["policy", "tokens/step", "TTFT p50", "TTFT p99", "latency p50", "latency p99", "steps",
@@ -417,7 +422,7 @@ def speculation_curve(ctx, acceptance_curve):
     gammas = [r[0] for r in acceptance_curve]
     ctx.series("spec/tokens_per_call", [r[2] for r in acceptance_curve], gammas, x_label=r"draft tokens $\gamma$",
                group="spec/tokens_per_call", smooth=False, label="measured", y_label="tokens per target call",
-               title="Speculative decoding: tokens per target call", key=True)
+               title="Speculative decoding: tokens per target call")
     ctx.series("spec/tokens_per_call_formula", [r[3] for r in acceptance_curve], gammas,
                x_label=r"draft tokens $\gamma$", group="spec/tokens_per_call", smooth=False,
                label=r"$(1-\alpha^{\gamma+1})/(1-\alpha)$ at measured $\alpha$", y_label="tokens per target call")
