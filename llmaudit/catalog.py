@@ -40,6 +40,7 @@ MODULES: tuple[ModuleInfo, ...] = (
     ModuleInfo('grpo', 8, 'GRPO: group-relative advantages without a critic, Dr. GRPO and DAPO', ('grpo_advantages', 'grpo_loss')),
     ModuleInfo('rlvf', 8, 'RL from verifiable rewards: math, logic and format verifiers, attacked and used', ('math_answer_reward',)),
     ModuleInfo('rlhf', 9, 'RLHF end to end: SFT, reward model, PPO, and who is trained when', ('kl_penalized_rewards',)),
+    ModuleInfo('inference', 15, 'Serving: paged KV cache, continuous batching, speculative decoding, int8', ('paged_attention', 'speculative_accept', 'quantize_int8_per_channel')),
 )
 # END GENERATED
 
