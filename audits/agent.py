@@ -67,11 +67,13 @@ def trained(ctx, cfg, g, traces, agent_sft_labels, parse_action, react_step):
 # ---- parsing: model text is data, checked against the schemas -----------------------------------------
 
 HAND_WORKED = [
-    ('Thought: I need a fact. Action: lookup {"key": "plum"}', {"kind": "call", "tool": "lookup", "args": {"key": "plum"}}),
+    ('Thought: I need a fact. Action: lookup {"key": "plum"}',
+     {"kind": "call", "tool": "lookup", "args": {"key": "plum"}}),
     ('Action: calc {"expr": "2*(3+4)"}\n', {"kind": "call", "tool": "calc", "args": {"expr": "2*(3+4)"}}),
     ("Thought: I have the answer. Final Answer: 131", {"kind": "final", "answer": "131"}),
     ("Final Answer:  plum weighs 42 \n", {"kind": "final", "answer": "plum weighs 42"}),
-    ('Thought: x. Action: search {"query": "kv cache"}', {"kind": "call", "tool": "search", "args": {"query": "kv cache"}}),
+    ('Thought: x. Action: search {"query": "kv cache"}',
+     {"kind": "call", "tool": "search", "args": {"query": "kv cache"}}),
 ]
 
 
@@ -203,8 +205,10 @@ def _episodes(table: L.KnowledgeTable) -> list[tuple[str, list[str], dict]]:
         ("bad json", ['Action: calc {"expr": 1+1}', 'Action: calc {"expr": "1+1"}', fin],
          {"stop": "final_answer", "errors": 1, "steps": 3}),
         ("tool error", ['Action: calc {"expr": "1/0"}', fin], {"stop": "final_answer", "errors": 1, "steps": 2}),
-        ("attack", [f'Action: calc {{"expr": "{CANARY}.append(9)"}}', fin], {"stop": "final_answer", "errors": 1, "steps": 2}),
-        ("unknown key", ['Action: lookup {"key": "banana"}', look, fin], {"stop": "final_answer", "errors": 1, "steps": 3}),
+        ("attack", [f'Action: calc {{"expr": "{CANARY}.append(9)"}}', fin],
+         {"stop": "final_answer", "errors": 1, "steps": 2}),
+        ("unknown key", ['Action: lookup {"key": "banana"}', look, fin],
+         {"stop": "final_answer", "errors": 1, "steps": 3}),
         ("repeat", [look, look], {"stop": "repeated_action", "errors": 0, "steps": 2}),
         ("never done", [f'Action: calc {{"expr": "1+{i}"}}' for i in range(20)], {"stop": "step_limit", "errors": 0}),
         ("babble", ["I think so."], {"stop": "step_limit"}),
@@ -312,7 +316,8 @@ def tools_beat_answering_without_tools(trained):
 def trained_policy_acts_well_formed(trained):
     """After SFT the model's turns parse into valid actions and episodes end with a Final Answer rather
     than a guard; before SFT the same loop stops every episode by its guards."""
-    return measure({"well_formed": trained.well_formed(trained.states), "guard_rate": trained.guard_rate(trained.states)},
+    states = trained.states
+    return measure({"well_formed": trained.well_formed(states), "guard_rate": trained.guard_rate(states)},
                    f"before SFT: well-formed {trained.well_formed(trained.base_states):.3f}, "
                    f"guard {trained.guard_rate(trained.base_states):.3f}")
 
