@@ -1,0 +1,5 @@
+import sys
+
+from modules.agent.endpoint import main
+
+sys.exit(main())
