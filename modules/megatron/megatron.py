@@ -63,10 +63,11 @@ class MegatronConfig:
     lr: float = 0.05
     collective_timeout_s: float = 10.0  # a collective waiting longer raises in its rank
     world_timeout_s: float = 60.0  # the parent kills a world still running after this
-    max_loss_ratio: float = 0.95  # closed loop: ZeRO-3's final loss / first loss must be at most this
+    max_loss_ratio: float = 0.5  # closed loop: ZeRO-3's last loss / first loss at most this (sweep: toy
+    #                              seeds 0-19 reach 0.10-0.42, full seeds 0-4 0.31-0.39)
 
     RANGES = {
-        "vocab_size": ">= 4", "d_model": ">= 8", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1",
+        "world_sizes": ">= 1", "vocab_size": ">= 4", "d_model": ">= 8", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1",
         "d_ff": ">= 1", "seq_len": ">= 2", "batch_size": ">= 1", "n_micro": ">= 1", "train_steps": ">= 2",
         "lr": "> 0", "collective_timeout_s": "> 0", "world_timeout_s": "> 0", "max_loss_ratio": "> 0",
     }
@@ -91,7 +92,7 @@ class MegatronConfig:
 
     @classmethod
     def full(cls) -> MegatronConfig:
-        return cls(world_sizes=(2, 4), n_layers=4, n_micro=8, max_loss_ratio=0.9)
+        return cls(world_sizes=(2, 4), n_layers=4, n_micro=8, max_loss_ratio=0.45)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,10 +464,10 @@ def _zero_stage(rank: int, n: int, cfg: MegatronConfig, weights: dict, tokens, t
                 p.data = torch.empty(0, dtype=DTYPE)
         if step == 1:
             first_grad = grad_held.clone()
-            params_held = [param_shard] if stage == 3 else [flat]
+            # ZeRO-3 holds its shard plus whatever the module still has (nothing once freed)
+            params_held = [param_shard, *model.parameters()] if stage == 3 else [flat]
             ledger = _ledger({"params": params_held, "grads": [grad_held], "master": [owned],
                               "exp_avg": [exp_avg], "exp_avg_sq": [exp_avg_sq]})
-            ledger["live_module_params"] = sum(p.numel() for p in model.parameters())
         adam_update(owned, grad_owned, exp_avg, exp_avg_sq, step, cfg.lr)
         if stage in (1, 2):  # everyone needs the full updated parameters again
             parts = [torch.empty(padded // n, dtype=DTYPE) for _ in range(n)]
@@ -526,7 +527,7 @@ def run_zero(cfg: MegatronConfig, world_size: int, weights: dict, tokens, target
         per_step[s] = {k: v // cfg.train_steps for k, v in counts.items()}
     return ZeroResult(
         world_size, ddp["psi"],
-        {s: [float(sum(v for k, v in r["ledger"].items() if k != "live_module_params")) for r in ranks]
+        {s: [float(sum(r["ledger"].values())) for r in ranks]
          for s, ranks in out.items()},
         (ddp["first_grad"][:psi] - ref_grad).abs().max().item(),
         (finals[0] - ref_final).abs().max().item(),
