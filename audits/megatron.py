@@ -34,7 +34,8 @@ KERNELS = [
            hint="stage s warms up with p - 1 - s forwards, then alternates F and B, then drains the Bs."),
 ]
 
-megatron = Audit("megatron", day=14, title="Parallel training: Megatron TP, ZeRO DP and 1F1B PP on torch.distributed",
+megatron = Audit("megatron", day=14,
+                 title="Parallel training: Megatron TP, ZeRO DP and 1F1B PP on torch.distributed",
                  config=M.MegatronConfig, kernels=KERNELS, formulas=M.FORMULAS)
 
 
@@ -262,7 +263,8 @@ def curves(ctx, cfg, zero, gpipe, one_f_one_b, tensor_parallel):
     labels = ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3"]
     for n, z in zero.items():
         ctx.series(f"memory/bytes_per_rank_N{n}", [z.memory[s][0] for s in range(4)], ticks=labels,
-                   x_label="ZeRO stage", group="memory/bytes_per_rank", label=f"N = {n} ranks (measured)", y_label="bytes per rank",
+                   x_label="ZeRO stage", group="memory/bytes_per_rank", label=f"N = {n} ranks (measured)",
+                   y_label="bytes per rank",
                    title=f"Model-state bytes per rank, Psi = {z.n_params:,}", smooth=False, key=n == w)
     ctx.scalar("TP max logit error", max(r.logit_error for r in tensor_parallel.values()))
     presets = [S.preset(name) for name in S.PRESETS]

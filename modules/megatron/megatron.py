@@ -67,9 +67,11 @@ class MegatronConfig:
     #                              seeds 0-19 reach 0.10-0.42, full seeds 0-4 0.31-0.39)
 
     RANGES = {
-        "world_sizes": ">= 1", "vocab_size": ">= 4", "d_model": ">= 8", "n_layers": ">= 1", "n_heads": ">= 1", "n_kv_heads": ">= 1",
+        "world_sizes": ">= 1", "vocab_size": ">= 4", "d_model": ">= 8", "n_layers": ">= 1", "n_heads": ">= 1",
+        "n_kv_heads": ">= 1",
         "d_ff": ">= 1", "seq_len": ">= 2", "batch_size": ">= 1", "n_micro": ">= 1", "train_steps": ">= 2",
-        "lr": "> 0", "collective_timeout_s": "> 0", "world_timeout_s": "> 0", "max_loss_ratio": "> 0",
+        "lr": "> 0", "collective_timeout_s": "> 0", "world_timeout_s": "> 0",
+        "max_loss_ratio": "> 0",
     }
 
     def __post_init__(self):
