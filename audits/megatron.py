@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llmaudit.audit import Audit, kernel, max_error, measure
+from llmaudit.audit import Audit, kernel, max_error
 from modules import megatron as M
 from modules.megatron import sizing as S
 
