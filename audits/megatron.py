@@ -263,9 +263,9 @@ def curves(ctx, cfg, zero, gpipe, one_f_one_b, tensor_parallel):
     labels = ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3"]
     for n, z in zero.items():
         ctx.series(f"memory/bytes_per_rank_N{n}", [z.memory[s][0] for s in range(4)], ticks=labels,
-                   x_label="ZeRO stage", group="memory/bytes_per_rank", label=f"N = {n} ranks (measured)",
-                   y_label="bytes per rank",
-                   title=f"Model-state bytes per rank, Psi = {z.n_params:,}", smooth=False, key=n == w)
+                   x_label="ZeRO stage", label=f"N = {n} ranks (measured)", y_label="bytes per rank",
+                   title=f"Model-state bytes per rank, N = {n} ranks, Psi = {z.n_params:,}", smooth=False,
+                   key=n == w)
     ctx.scalar("TP max logit error", max(r.logit_error for r in tensor_parallel.values()))
     presets = [S.preset(name) for name in S.PRESETS]
     ctx.table("llmaudit calc: presets (training FLOPs at T = 4096; KV cache bf16)",
