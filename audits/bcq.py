@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llmaudit.audit import Audit, kernel, measure
+from llmaudit.audit import Audit, bound, kernel, measure
 from modules.bcq import bcq as M
 from modules.cql.offline import QUALITIES, policy_returns
 
@@ -104,7 +104,8 @@ def result(cfg, g, bcq_filter_actions):
     return M.run(cfg, g, bcq_filter_actions=bcq_filter_actions)
 
 
-@bcq.check("== 0", kind="outcome", hint="the filter must mask actions whose G / max G is at most tau.")
+@bcq.check(bound("< 1", scale=1.0), kind="outcome",
+           hint="the filter must mask actions whose G / max G is at most tau.")
 def bcq_never_picks_an_action_unseen_in_that_state(result):
     """In every state the data visited, BCQ's greedy action is one the data took there: the imitation
     model gives unseen actions a small G, the filter removes them (count over learners, states and the

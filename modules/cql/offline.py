@@ -41,10 +41,10 @@ class OfflineConfig:
     map_name: str = "4x4"  # FrozenLake map
     slippery: bool = True  # FrozenLake dynamics: 1/3 intended move, 1/3 each perpendicular
     gamma: float = 0.99  # discount of Q*, of the returns and of every TD target
-    n_envs: int = 128  # parallel behaviour episodes while collecting a data set
+    n_envs: int = 256  # parallel behaviour episodes while collecting a data set
     n_steps: int = 40  # steps per env: a data set holds n_envs * n_steps transitions
     max_episode_steps: int = 100  # gymnasium's time limit for FrozenLake 4x4 (a cut is not a terminal)
-    medium_optimal_prob: float = 0.5  # medium: mean P(a*) over states; the rest goes to one fixed worse action
+    medium_optimal_prob: float = 0.6  # medium: mean P(a*) over states; the rest goes to one fixed worse action
     medium_spread: float = 0.3  # medium: P(a*|s) is drawn per state uniformly in prob +- spread
     expert_noise: float = 0.2  # expert: probability of a uniformly random action instead of a*
     replicates: int = 2  # independently initialised learners per (method, data set); returns are their mean
