@@ -239,7 +239,7 @@ MUTANTS = [
            {"double_dqn_target": target_with(evaluate="online")}),
     Mutant("terminal_target_is_reward", "multiplies by 1 - terminated", {"double_dqn_target": target_with(mask="mul")}),
     Mutant("alpha_zero_is_double_dqn_exactly", "alpha ignored", {"cql_loss": cql_with(alpha_fixed=0.01)}),
-    Mutant("dqn_overestimates_unseen_actions", "no bootstrap", {"double_dqn_target": target_with(no_bootstrap=True)}),
+    Mutant("dqn_overestimates_unseen_actions", "target net never synced", overrides={"target_every": "100000"}),
     Mutant("dqn_overestimation_grows_during_training", "no bootstrap",
            {"double_dqn_target": target_with(no_bootstrap=True)}),
     Mutant("cql_stays_below_truth_on_unseen_actions", "penalty sign flipped", {"cql_loss": cql_with(sign=-1.0)}),

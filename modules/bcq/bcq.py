@@ -43,7 +43,7 @@ class BCQConfig(OfflineConfig):
     min_gain_over_behaviour: float = 0.14  # BCQ's return minus the behaviour policy's, medium (toy 0.160; full
     #                                        bar 0.35, worst 0.410)
 
-    RANGES = {"tau": "(0, 1)", "min_gain_over_bc": "(-inf, inf)", "min_gain_over_behaviour": "(-inf, inf)"}
+    RANGES = {"tau": "(0, 1)", "sweep_taus": "(0, 1)", "min_gain_over_bc": "(-inf, inf)", "min_gain_over_behaviour": "(-inf, inf)"}
 
     def __post_init__(self):
         if not 0.0 < self.tau < 1.0 or not all(0.0 < t < 1.0 for t in self.sweep_taus):

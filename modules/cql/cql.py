@@ -43,7 +43,7 @@ class CQLConfig(OfflineConfig):
     min_gain_over_bc: float = 0.08  # CQL's return minus behaviour cloning's, medium data (0.127 / 0.094)
     min_gain_over_behaviour: float = 0.07  # CQL's return minus the behaviour policy's, medium (0.119 / 0.086)
 
-    RANGES = {"alpha": ">= 0", "growth_from": ">= 0", "min_dqn_overestimation": "(-inf, inf)",
+    RANGES = {"alpha": ">= 0", "sweep_alphas": "> 0", "growth_from": ">= 0", "min_dqn_overestimation": "(-inf, inf)",
               "min_dqn_growth": "(-inf, inf)", "max_cql_unseen_gap": "(-inf, inf)", "min_gain_over_bc": "(-inf, inf)",
               "min_gain_over_behaviour": "(-inf, inf)"}
 
