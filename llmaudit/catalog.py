@@ -40,6 +40,8 @@ MODULES: tuple[ModuleInfo, ...] = (
     ModuleInfo('grpo', 8, 'GRPO: group-relative advantages without a critic, Dr. GRPO and DAPO', ('grpo_advantages', 'grpo_loss')),
     ModuleInfo('rlvf', 8, 'RL from verifiable rewards: math, logic and format verifiers, attacked and used', ('math_answer_reward',)),
     ModuleInfo('rlhf', 9, 'RLHF end to end: SFT, reward model, PPO, and who is trained when', ('kl_penalized_rewards',)),
+    ModuleInfo('cql', 10, 'CQL: a conservative penalty keeps offline Q below the truth on unseen actions', ('cql_loss', 'double_dqn_target')),
+    ModuleInfo('bcq', 11, 'BCQ: acting and bootstrapping only among actions the data supports', ('bcq_filter_actions',)),
     ModuleInfo('megatron', 14, 'Parallel training: Megatron TP, ZeRO DP and 1F1B PP on torch.distributed', ('column_parallel_linear', 'row_parallel_linear', 'zero_memory_per_rank', 'one_f_one_b_schedule')),
     ModuleInfo('inference', 15, 'Serving: paged KV cache, continuous batching, speculative decoding, int8', ('paged_attention', 'speculative_accept', 'quantize_int8_per_channel')),
     ModuleInfo('agent', 16, 'Agents: a ReAct loop with safe tools, and a tiny Llama SFT-trained to use it', ('parse_action', 'react_step', 'agent_sft_labels')),

@@ -180,6 +180,34 @@ def _ppo_clip(rng: random.Random) -> Problem:
                    P.clipped_surrogate(ratio, adv, eps))
 
 
+@generator("cql.penalty")
+def _cql_penalty(rng: random.Random) -> Problem:
+    import torch
+
+    C = _module("cql")
+    q = [_r(rng, -2, 3) for _ in range(3)]
+    a = rng.randrange(3)
+    qt = torch.tensor([q], dtype=torch.float64)
+    data_q = qt[:, a]
+    ans = C.cql_loss(qt, torch.tensor([a]), data_q, 1.0).item()  # y = Q(s, a_D): the penalty alone
+    return Problem({"q": _vec(q), "a": str(a)}, ans)
+
+
+@generator("bcq.action")
+def _bcq_action(rng: random.Random) -> Problem:
+    import torch
+
+    B = _module("bcq")
+    first = rng.randint(1, 8)
+    second = rng.randint(1, 9 - first)
+    probs = [w / 10 for w in (first, second, 10 - first - second)]  # one decimal each, shown exactly
+    q = [_r(rng, -2, 4) for _ in range(3)]
+    tau = rng.choice([0.3, 0.45])  # no ratio of weights <= 8 equals these: no ties at the strict >
+    logits = torch.tensor([probs], dtype=torch.float64).log()
+    ans = B.bcq_filter_actions(torch.tensor([q], dtype=torch.float64), logits, tau).item()
+    return Problem({"pi": _vec(probs), "q": _vec(q), "tau": f"{tau:g}"}, float(ans))
+
+
 @generator("dpo.loss")
 def _dpo_loss(rng: random.Random) -> Problem:
     D = _module("dpo")

@@ -1,0 +1,1 @@
+from modules.bcq.bcq import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+from modules.cql.cql import *  # noqa: F401,F403
