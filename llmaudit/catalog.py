@@ -40,6 +40,8 @@ MODULES: tuple[ModuleInfo, ...] = (
     ModuleInfo('grpo', 8, 'GRPO: group-relative advantages without a critic, Dr. GRPO and DAPO', ('grpo_advantages', 'grpo_loss')),
     ModuleInfo('rlvf', 8, 'RL from verifiable rewards: math, logic and format verifiers, attacked and used', ('math_answer_reward',)),
     ModuleInfo('rlhf', 9, 'RLHF end to end: SFT, reward model, PPO, and who is trained when', ('kl_penalized_rewards',)),
+    ModuleInfo('lora', 15, 'LoRA: a frozen base plus a low-rank update, against full fine-tuning', ('lora_forward', 'merge_lora')),
+    ModuleInfo('qlora', 15, 'QLoRA: NF4 with double quantization under a LoRA that trains', ('nf4_quantize', 'nf4_dequantize')),
 )
 # END GENERATED
 
