@@ -198,8 +198,13 @@ def curves(ctx, trained, scaling, cfg):
     ctx.scalar("full fine-tuning exact match", trained.full.accuracy)
     ctx.scalar(f"LoRA r={cfg.rank} exact match", trained.lora.accuracy)
     ctx.scalar("trainable fraction (LoRA)", trained.lora.trainable / trained.total_parameters)
+    small, large = (int(v) for v in cfg.scaling_ranks.split(","))
+    for key, sizes in scaling.items():
+        ctx.scalar(f"update size r={large} / r={small}, {key}", sizes[large] / sizes[small])
     if trained.rank_sweep:
         ranks = sorted(trained.rank_sweep)
+        for r in ranks:
+            ctx.scalar(f"rank sweep: r={r} exact match", trained.rank_sweep[r].accuracy)
         ctx.series("sweep/exact_match", [trained.rank_sweep[r].accuracy for r in ranks], ranks, x_label="rank r",
                    smooth=False, label="LoRA exact match by rank", y_label="exact match", key=True)
         ctx.table("Rank sweep", ["r", "trainable", "fraction", "exact match"],
