@@ -70,8 +70,8 @@ class QLoRAConfig(LoRAConfig):
     blocksize2: int = 256  # constants per second-level scale in double quantization
     double_quant: bool = True
     n_error_weights: int = 65536  # N(0, 1) weights for the NF4 vs int4 comparison
-    max_nf4_int4_mse_ratio: float = 0.9  # NF4's squared error / uniform int4's, on normal weights
-    max_gap_to_lora: float = 0.1  # LoRA's exact match minus QLoRA's
+    max_nf4_int4_mse_ratio: float = 1.0  # NF4's squared error / uniform int4's, on normal weights: NF4 lower
+    max_gap_to_lora: float = 0.05  # LoRA's exact match minus QLoRA's
     min_qlora_accuracy: float = 0.8
     min_quantized_base_accuracy: float = 0.9  # NF4 base on its own task, before any fine-tuning
 
@@ -98,7 +98,7 @@ class QLoRAConfig(LoRAConfig):
 
 
 def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise absmax quantization to the 16-value NF4 code (the module constant NF4).
+    """Blockwise absmax quantization to the 16-value NF4 code (``from modules.qlora import NF4``).
 
     weight: any shape, numel divisible by blocksize; read flat, in blocks of ``blocksize`` values.
     Returns (codes, absmax): codes (numel,) uint8 in 0..15, the index of the NF4 value nearest to
@@ -116,7 +116,7 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tenso
 
 def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...],
                    blocksize: int = 64) -> torch.Tensor:
-    """The inverse lookup: w_hat = absmax[block] * NF4[code], float32, reshaped to ``shape``.
+    """The inverse lookup: w_hat = absmax[block] * NF4[code], float32, reshaped to ``shape`` (NF4 as in nf4_quantize).
 
     codes (numel,) uint8 in 0..15; absmax (numel / blocksize,) float; |w - w_hat| <= c * max_gap / 2."""
     values = NF4[codes.long()].reshape(-1, blocksize) * absmax.float()[:, None]
