@@ -24,7 +24,7 @@ def _case(seed: int, d_in: int, d_out: int, r: int, dtype=torch.float64) -> dict
 # --- kernels ----------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 12), st.integers(1, 12), st.integers(1, 6))
 def test_lora_forward_is_x_times_merged_weight(seed, d_in, d_out, r):
     case = _case(seed, d_in, d_out, r)
@@ -34,7 +34,7 @@ def test_lora_forward_is_x_times_merged_weight(seed, d_in, d_out, r):
     torch.testing.assert_close(x @ M.merge_lora(**case).T, expected, atol=1e-10, rtol=1e-10)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 8))
 def test_merge_then_unmerge_returns_w0(seed, r):
     case = _case(seed, 9, 7, r)

@@ -8,8 +8,9 @@
     count      r (d_in + d_out) trainable numbers per adapted matrix, instead of d_in d_out
 
 The experiment: a tiny Llama is trained (modules.training.supervised_warm_up, the SFT stand-in) to
-COPY a digit string; the new task is to REVERSE it. Full fine-tuning, LoRA on the attention
-projections and a rank sweep start from the same base; exact match is measured on fresh strings.
+COPY a digit string; the new task, SWAP, copies it with 0<->1, 2<->3, 4<->5 exchanged (a rank-3 change
+of the token map, carried by the attention's value path). Full fine-tuning, LoRA on v_proj and o_proj
+and a rank sweep start from the same base; exact match is measured on fresh strings.
 
 Builds on: transformer (the tiny Llama), training (AdamW, warmup + cosine, train()).
 Deviations from PEFT: no dropout on the LoRA branch (PEFT's default is 0 too), no fan_in_fan_out,
