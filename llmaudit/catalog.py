@@ -44,6 +44,8 @@ MODULES: tuple[ModuleInfo, ...] = (
     ModuleInfo('bcq', 11, 'BCQ: acting and bootstrapping only among actions the data supports', ('bcq_filter_actions',)),
     ModuleInfo('megatron', 14, 'Parallel training: Megatron TP, ZeRO DP and 1F1B PP on torch.distributed', ('column_parallel_linear', 'row_parallel_linear', 'zero_memory_per_rank', 'one_f_one_b_schedule')),
     ModuleInfo('inference', 15, 'Serving: paged KV cache, continuous batching, speculative decoding, int8', ('paged_attention', 'speculative_accept', 'quantize_int8_per_channel')),
+    ModuleInfo('lora', 15, 'LoRA: a frozen base plus a low-rank update, against full fine-tuning', ('lora_forward', 'merge_lora')),
+    ModuleInfo('qlora', 15, 'QLoRA: NF4 with double quantization under a LoRA that trains', ('nf4_quantize', 'nf4_dequantize')),
     ModuleInfo('agent', 16, 'Agents: a ReAct loop with safe tools, and a tiny Llama SFT-trained to use it', ('parse_action', 'react_step', 'agent_sft_labels')),
 )
 # END GENERATED

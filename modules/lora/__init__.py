@@ -1,0 +1,1 @@
+from modules.lora.lora import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+from modules.qlora.qlora import *  # noqa: F401,F403
