@@ -40,6 +40,9 @@ MODULES: tuple[ModuleInfo, ...] = (
     ModuleInfo('grpo', 8, 'GRPO: group-relative advantages without a critic, Dr. GRPO and DAPO', ('grpo_advantages', 'grpo_loss')),
     ModuleInfo('rlvf', 8, 'RL from verifiable rewards: math, logic and format verifiers, attacked and used', ('math_answer_reward',)),
     ModuleInfo('rlhf', 9, 'RLHF end to end: SFT, reward model, PPO, and who is trained when', ('kl_penalized_rewards',)),
+    ModuleInfo('qformer', 12, 'BLIP-2 Q-Former: N learned queries read the patches for a frozen LM', ('qformer_cross_attention',)),
+    ModuleInfo('vlm_projection', 12, 'LLaVA projector: patch features become soft tokens of a frozen LM', ('project_visual_tokens',)),
+    ModuleInfo('flamingo', 13, 'Flamingo: gated cross-attention injects vision into a frozen LM', ('gated_cross_attention',)),
 )
 # END GENERATED
 
