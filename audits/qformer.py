@@ -45,9 +45,13 @@ def matches_torch_multihead_attention(qformer_cross_attention, g):
 @qformer.check("== 0", hint="the output has one row per QUERY; the patches are only keys and values.")
 def output_has_n_tokens_for_any_patch_count(qformer_cross_attention, cfg, g):
     """The LM sees exactly N visual tokens whatever the resolution: for 1, 9, 49 and 196 patches the
-    connector returns (B, N, d_model), N = n_queries (a fixed budget, unlike the projector's P)."""
-    connector = M.QFormer(cfg.n_queries, cfg.d_vision, cfg.d_model, cfg.n_heads, qformer_cross_attention)
-    shapes = [tuple(connector.query_outputs(torch.randn(2, P, cfg.d_vision, generator=g)).shape) for P in (1, 9, 49, 196)]
+    cross-attention returns (B, N, d), N = n_queries (a fixed budget, unlike the projector's P)."""
+    d, dv = cfg.d_model, cfg.d_vision
+    w = {"w_q": torch.randn(d, d, generator=g), "w_k": torch.randn(d, dv, generator=g),
+         "w_v": torch.randn(d, dv, generator=g), "w_o": torch.randn(d, d, generator=g)}
+    q = torch.randn(2, cfg.n_queries, d, generator=g)
+    shapes = [tuple(qformer_cross_attention(q, z, **w, n_heads=cfg.n_heads).shape)
+              for z in (torch.randn(2, P, cfg.d_vision, generator=g) for P in (1, 9, 49, 196))]
     wrong = [s for s in shapes if s != (2, cfg.n_queries, cfg.d_model)]
     return measure(len(wrong), f"shapes {sorted(set(shapes))}")
 

@@ -37,7 +37,7 @@ class FlamingoConfig(VLMConfig):
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=300, eval_size=2048, min_accuracy=0.5)
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.5)
 
 
 def gated_cross_attention(x: torch.Tensor, visual: torch.Tensor, alpha: torch.Tensor, w_q: torch.Tensor,

@@ -26,7 +26,7 @@ class ProjectionConfig(VLMConfig):
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=300, eval_size=2048, min_accuracy=0.5)
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.5)
 
 
 def project_visual_tokens(patch_features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,

@@ -31,7 +31,7 @@ class QFormerConfig(VLMConfig):
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=300, eval_size=2048, min_accuracy=0.5)
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.5)
 
 
 def qformer_cross_attention(queries: torch.Tensor, patch_features: torch.Tensor, w_q: torch.Tensor,

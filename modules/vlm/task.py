@@ -21,6 +21,7 @@ classification, not contrastive image-text pairs; one image per sequence, no int
 from __future__ import annotations
 
 import copy
+import math
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class VLMConfig:
     lm_steps: int = 100  # LM pretraining on captioned and bare questions
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-2
-    steps: int = 100  # connector training (the frozen parts never move)
+    steps: int = 120  # connector training (the frozen parts never move)
     batch_size: int = 64
     lr: float = 1e-2
     eval_size: int = 512  # held-out images (fresh draws) per accuracy
@@ -99,7 +100,7 @@ class VLMConfig:
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=300, eval_size=2048)
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048)
 
 
 def chance_accuracy() -> float:
@@ -157,7 +158,8 @@ def caption_tokens(attributes: torch.Tensor, generator: torch.Generator) -> torc
     """(B, 3) attributes -> (B, 3) ids of "<colour> <shape> <place>" in a random order per row: the LM
     must find the asked word by what it is, not by where it stands."""
     words = torch.stack([ANSWER_IDS[k][attributes[:, k]] for k in range(3)], dim=1)
-    return words.gather(1, torch.rand(words.shape, generator=generator).argsort(dim=1))
+    slots = torch.cat([words, torch.full((words.shape[0], N_PATCHES - 3), PAD)], dim=1)
+    return slots.gather(1, torch.rand(slots.shape, generator=generator).argsort(dim=1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,6 +206,13 @@ def lm_config(cfg: VLMConfig) -> ModelConfig:
                        n_kv_heads=cfg.n_kv_heads, d_ff=cfg.d_ff, rope_theta=cfg.rope_theta)
 
 
+def bare_answers(scenes: Scenes, generator: torch.Generator) -> torch.Tensor:
+    """(B,) answers for questions asked without a caption: uniform within the asked category, drawn
+    independently of the scene (the text alone says nothing about the image)."""
+    random = torch.stack([torch.randint(len(w), (len(scenes.question),), generator=generator) for w in ANSWERS], dim=1)
+    return Scenes(scenes.images, random, scenes.question).answer
+
+
 def pretrain_lm(cfg: VLMConfig, generator: torch.Generator) -> Transformer:
     """Answer loss on "<bos> caption q answer" (caption_fraction of the rows) and on "<bos> q answer"
     with a random answer (no caption, nothing to copy: the LM learns the answer set of each q)."""
@@ -215,9 +224,7 @@ def pretrain_lm(cfg: VLMConfig, generator: torch.Generator) -> Transformer:
         bos = torch.full((cfg.pretrain_batch, 1), BOS)
         q, a = question_tokens(s.question), s.answer[:, None]
         with_caption = torch.cat([bos, caption_tokens(s.attributes, generator), q, a], dim=1)[:n_cap]
-        random_answer = Scenes(s.images, torch.stack([torch.randint(len(w), (cfg.pretrain_batch,), generator=generator)
-                                                      for w in ANSWERS], dim=1), s.question).answer[:, None]
-        bare = torch.cat([bos, q, random_answer], dim=1)[n_cap:]
+        bare = torch.cat([bos, q, bare_answers(s, generator)[:, None]], dim=1)[n_cap:]
         loss = sum(F.cross_entropy(lm(x[:, :-1])[:, -1], x[:, -1]) * len(x)
                    for x in (with_caption, bare) if len(x)) / cfg.pretrain_batch
         optimizer.zero_grad(set_to_none=True)
@@ -324,10 +331,13 @@ def optimizer_parameters(connector: nn.Module, frozen: Frozen) -> list[nn.Parame
 
 def train_connector(connector: Connector, frozen: Frozen, cfg: VLMConfig, generator: torch.Generator,
                     labels_fn: Callable = vlm_labels) -> list[float]:
-    """Adam on the connector's parameters only; the frozen LM and encoder are run, never updated."""
+    """Adam (learning rate cosine-decayed from cfg.lr to 0) on every parameter that requires a gradient:
+    the connector's; the frozen LM and encoder are run, never updated."""
     optimizer = torch.optim.Adam(optimizer_parameters(connector, frozen), lr=cfg.lr)
     losses = []
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         s = draw_scenes(cfg.batch_size, cfg.noise, generator)
         ids = vlm_ids(s, connector.n_visual)
         loss = vlm_loss(connector.logits(frozen, s, ids[:, :-1]), labels_fn(ids))
