@@ -29,7 +29,7 @@ class FlamingoConfig(VLMConfig):
     """The shared task (VLMConfig), the resampler's latents and Flamingo's outcome bars."""
 
     n_latents: int = 4  # M latents out of the Perceiver resampler (Flamingo: 64)
-    min_accuracy: float = 0.5
+    min_accuracy: float = 0.4  # held-out answer accuracy after training (text-only: about 0.2)
     min_gate: float = 1e-3  # |tanh(alpha)| every gate reaches after training (all start at 0)
     n_text_cost: int = 32  # text length of the cost table (context and attention FLOPs)
 
@@ -37,7 +37,7 @@ class FlamingoConfig(VLMConfig):
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.5)
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.9)
 
 
 def gated_cross_attention(x: torch.Tensor, visual: torch.Tensor, alpha: torch.Tensor, w_q: torch.Tensor,

@@ -75,11 +75,11 @@ class VLMConfig:
     n_kv_heads: int = 2
     d_ff: int = 64
     rope_theta: float = 100.0
-    encoder_steps: int = 60  # vision pretraining: attribute classification from the mean patch feature
-    lm_steps: int = 100  # LM pretraining on captioned and bare questions
+    encoder_steps: int = 40  # vision pretraining: attribute classification from the mean patch feature
+    lm_steps: int = 70  # LM pretraining on captioned and bare questions
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-2
-    steps: int = 120  # connector training (the frozen parts never move)
+    steps: int = 80  # connector training (the frozen parts never move)
     batch_size: int = 64
     lr: float = 1e-2
     eval_size: int = 512  # held-out images (fresh draws) per accuracy
