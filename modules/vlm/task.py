@@ -83,8 +83,8 @@ class VLMConfig:
     batch_size: int = 64
     lr: float = 1e-2
     eval_size: int = 512  # held-out images (fresh draws) per accuracy
-    min_accuracy: float = 0.9  # outcome bar: held-out answer accuracy of the trained connector
-    max_text_only_accuracy: float = 0.35  # outcome bar: the LM without the image (chance is 0.204)
+    min_accuracy: float = 0.5  # outcome bar: held-out answer accuracy (each connector's config sets its own)
+    max_text_only_accuracy: float = 0.3  # the LM without the image: chance 0.204; toy 0.156 .. 0.230, full .. 0.226
 
     RANGES = {
         "noise": ">= 0", "caption_fraction": "[0, 1]", "d_vision": ">= 1", "d_model": ">= 1", "n_layers": ">= 1",
