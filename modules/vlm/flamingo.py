@@ -37,7 +37,8 @@ class FlamingoConfig(VLMConfig):
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.9)  # full seeds 0-4: 0.9995 .. 1.0
+        # full seeds 0-4: 0.9995 .. 1.0
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.9)
 
 
 def gated_cross_attention(x: torch.Tensor, visual: torch.Tensor, alpha: torch.Tensor, w_q: torch.Tensor,

@@ -26,7 +26,8 @@ class ProjectionConfig(VLMConfig):
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.79)  # full seeds 0-4: 0.875 .. 0.997
+        # full seeds 0-4: 0.875 .. 0.997
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.79)
 
 
 def project_visual_tokens(patch_features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,

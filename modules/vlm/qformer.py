@@ -31,7 +31,8 @@ class QFormerConfig(VLMConfig):
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.64)  # full seeds 0-4: 0.713 .. 0.996
+        # full seeds 0-4: 0.713 .. 0.996
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.64)
 
 
 def qformer_cross_attention(queries: torch.Tensor, patch_features: torch.Tensor, w_q: torch.Tensor,
