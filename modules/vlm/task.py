@@ -268,7 +268,9 @@ PRETRAIN_FIELDS = ("noise", "caption_fraction", "d_vision", "d_model", "n_layers
 def _pretrained(fields: tuple, seed: int) -> Frozen:
     cfg = VLMConfig(**dict(zip(PRETRAIN_FIELDS, fields)))
     g = torch.Generator().manual_seed(seed)
-    return Frozen(pretrain_encoder(cfg, g), pretrain_lm(cfg, g))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's default init reads the global RNG: seed it here, so
+        torch.manual_seed(seed)              # the frozen parts depend on (cfg, seed) only, not on who asked first
+        return Frozen(pretrain_encoder(cfg, g), pretrain_lm(cfg, g))
 
 
 def pretrained(cfg: VLMConfig, seed: int) -> Frozen:
