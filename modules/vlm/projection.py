@@ -22,12 +22,12 @@ from modules.vlm.task import N_PATCHES, Connector, Frozen, Scenes, VLMConfig, pa
 class ProjectionConfig(VLMConfig):
     """The shared task (VLMConfig) with the projector's outcome bars."""
 
-    min_accuracy: float = 0.38  # held-out accuracy; sweep toy seeds 0-19: 0.420 .. 0.727 (text-only about 0.2)
+    min_accuracy: float = 0.38  # held-out accuracy; sweep toy seeds 0-19: 0.459 .. 0.822 (text-only about 0.2)
 
     @classmethod
     def full(cls):
-        # full seeds 0-4: 0.875 .. 0.997
-        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.79)
+        # full seeds 0-4: 0.865 .. 0.997
+        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.78)
 
 
 def project_visual_tokens(patch_features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
