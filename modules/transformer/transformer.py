@@ -288,14 +288,21 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:  # one (V, d) matrix both reads tokens in and scores them out
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor | None, cache: KVCache | None = None, *,
+                inputs_embeds: torch.Tensor | None = None,
+                layer_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``inputs_embeds`` (B, T, d) replaces the embedding lookup (a VLM's visual tokens among the
+        text's embeddings; pass tokens=None); ``layer_hook(i, x) -> x`` runs before block i (Flamingo
+        inserts its gated cross-attention there). Both default to None: the plain token model."""
+        x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + tokens.shape[1])
-        x = self.embed_tokens(tokens)  # (B, T, d)
-        for layer in self.layers:
+        positions = torch.arange(start, start + x.shape[1])
+        for i, layer in enumerate(self.layers):
+            if layer_hook is not None:
+                x = layer_hook(i, x)
             x = layer(x, positions, cache)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.length += x.shape[1]
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 
