@@ -33,8 +33,9 @@ def attention_grid(weights: torch.Tensor) -> list[list]:
     return [[round(100 * w, 1) for w in weights[r * M.GRID:(r + 1) * M.GRID].tolist()] for r in range(M.GRID)]
 
 
-def record_training(ctx, result: M.ConnectorResult, name: str) -> None:
-    ctx.series("train/loss", result.losses, x_label="connector step", label=f"{name}: answer NLL", key=True,
+def record_training(ctx, result: M.ConnectorResult, name: str, key: bool = True) -> None:
+    """The connector's training curve (the brief's key curve unless the module marks another)."""
+    ctx.series("train/loss", result.losses, x_label="connector step", label=f"{name}: answer NLL", key=key,
                y_label="NLL (nats)", title=f"{name} on the frozen encoder and LM")
     ctx.scalar("held-out accuracy", result.accuracy)
     ctx.scalar("text-only accuracy", result.text_only_accuracy)

@@ -157,9 +157,11 @@ def curves(ctx, cfg, result):
     ticks = ["0 (DQN)"] + [f"{t:g}" for t, _ in rows[1:]]
     ctx.series("offline/tau_sweep/return", [result.returns(ks) for _, ks in rows], x_label=r"BCQ $\tau$",
                smooth=False, ticks=ticks, y_label="exact return from the start", key=True,
+               label="greedy policy's return (medium data)",
                title=r"Medium data: return against $\tau$ ($\tau\to 1$ is behaviour cloning)")
     ctx.series("offline/tau_sweep/unseen_choices", [result.unseen_choices(ks) for _, ks in rows],
                x_label=r"BCQ $\tau$", smooth=False, ticks=ticks, y_label="visited states acting on an unseen action",
+               label="states where the greedy action is one the data never took",
                title=r"Medium data: greedy actions the data never took, against $\tau$")
     base = result.baseline_returns()
     table = []

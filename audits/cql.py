@@ -252,8 +252,10 @@ def curves(ctx, cfg, result):
     alphas, gaps, returns = _sweep(result, cfg)
     ticks = [f"{a:g}" for a in alphas]
     ctx.series("offline/alpha_sweep/return", returns, x_label=r"CQL $\alpha$", smooth=False, ticks=ticks,
+               label="greedy policy's return (medium data)",
                y_label="exact return from the start", title=r"Medium data: return against $\alpha$ (0 = DQN)")
     ctx.series("offline/alpha_sweep/unseen_q_gap", gaps, x_label=r"CQL $\alpha$", smooth=False, ticks=ticks,
+               label="mean Q - Q* on unseen actions (medium data)",
                y_label=r"mean $Q - Q^*$ on unseen $(s,a)$", title=r"Medium data: unseen-action gap against $\alpha$")
     base = result.baseline_returns()
     rows = []

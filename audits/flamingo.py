@@ -95,7 +95,7 @@ def answers_questions_on_held_out_images(trained):
 
 @flamingo.report
 def cost_and_attention(ctx, trained, cfg):
-    V.record_training(ctx, trained, "Flamingo")
+    V.record_training(ctx, trained, "Flamingo", key=False)  # its brief shows the cost curve
     lm = M.lm_config(cfg)
     sizes = [9, 64, 256, 576, 1024, 2304]
     rows = M.cost_table(lm, cfg.n_text_cost, cfg.n_latents, sizes)
