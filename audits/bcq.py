@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from audits._offline import returns_by_quality
 from llmaudit.audit import Audit, bound, kernel, measure
 from modules.bcq import bcq as M
 from modules.cql.offline import QUALITIES, policy_returns
@@ -114,24 +115,18 @@ def bcq_never_picks_an_action_unseen_in_that_state(result):
     return measure(result.unseen_choices(ks), f"naive DQN: {result.unseen_choices(dqn)} (learner, state) pairs")
 
 
-def _medium_returns(result) -> dict[str, float]:
-    base = result.baseline_returns()
-    return {"bcq": result.returns(result.select("bcq", MEDIUM)), "bc": base["bc"][MEDIUM].item(),
-            "behaviour": base["behaviour"][MEDIUM].item(), "dqn": result.returns(result.select("dqn", MEDIUM))}
-
-
 @bcq.check(">= min_gain_over_bc", kind="outcome", hint="a filter that keeps only argmax G is behaviour cloning.")
 def bcq_beats_behaviour_cloning_on_medium(result):
     """Inside the data's support BCQ still maximises Q, so where the data's most frequent action is the
     worse one it takes the better supported one: exact return, BCQ minus behaviour cloning, medium data."""
-    r = _medium_returns(result)
+    r = result.medium_returns("bcq")
     return measure(r["bcq"] - r["bc"], f"BCQ {r['bcq']:.3f}, BC {r['bc']:.3f}, naive DQN {r['dqn']:.3f}")
 
 
 @bcq.check(">= min_gain_over_behaviour", kind="outcome", hint="check the filter's direction (> tau keeps).")
 def bcq_beats_behaviour_policy_on_medium(result):
     """BCQ improves on the policy that logged the data: exact return minus the behaviour policy's, medium data."""
-    r = _medium_returns(result)
+    r = result.medium_returns("bcq")
     return measure(r["bcq"] - r["behaviour"], f"BCQ {r['bcq']:.3f}, behaviour {r['behaviour']:.3f}")
 
 
@@ -163,15 +158,4 @@ def curves(ctx, cfg, result):
                x_label=r"BCQ $\tau$", smooth=False, ticks=ticks, y_label="visited states acting on an unseen action",
                label="states where the greedy action is one the data never took",
                title=r"Medium data: greedy actions the data never took, against $\tau$")
-    base = result.baseline_returns()
-    table = []
-    for d, quality in enumerate(QUALITIES):
-        dqn, b = result.returns(result.select("dqn", d)), result.returns(result.select("bcq", d))
-        table.append([quality, base["behaviour"][d].item(), base["bc"][d].item(), dqn, b])
-        ctx.scalar(f"return {quality}: BCQ", b)
-        ctx.scalar(f"return {quality}: DQN", dqn)
-    ctx.table("returns by data-set quality (exact, discounted, from the start state)",
-              ["data", "behaviour", "BC", "DQN", "BCQ"], table)
-    ctx.scalar("optimal return V*(start)", result.env.optimal_return)
-    for key, value in _medium_returns(result).items():
-        ctx.scalar(f"return medium: {key}", value)
+    returns_by_quality(ctx, result, "bcq", "BCQ")

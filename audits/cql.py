@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from audits._offline import returns_by_quality
 from llmaudit.audit import Audit, bound, kernel, least, max_error, measure, worst
 from modules.cql import cql as M
 from modules.cql.offline import QUALITIES, double_dqn_target
@@ -201,19 +202,13 @@ def cql_stays_below_truth_on_unseen_actions(cfg, result):
     return measure(mean.mean(), f"largest single pair {top.max().item():+.3f}")
 
 
-def _medium_returns(result) -> dict[str, float]:
-    base = result.baseline_returns()
-    return {"cql": result.returns(result.select("cql", MEDIUM)), "bc": base["bc"][MEDIUM].item(),
-            "behaviour": base["behaviour"][MEDIUM].item()}
-
-
 @cql.check(">= min_gain_over_bc", kind="outcome",
            hint="a CQL that only imitates (alpha too large, or a penalty without TD) ties with BC.")
 def cql_beats_behaviour_cloning_on_medium(result):
     """Behaviour cloning copies the data's most frequent action, the worse one in about a third of
     the states; CQL uses the rewards to prefer the better of the actions the data shows (exact return
     from the start state, CQL minus BC)."""
-    r = _medium_returns(result)
+    r = result.medium_returns("cql")
     return measure(r["cql"] - r["bc"], f"CQL {r['cql']:.3f}, BC {r['bc']:.3f}")
 
 
@@ -221,7 +216,7 @@ def cql_beats_behaviour_cloning_on_medium(result):
 def cql_beats_behaviour_policy_on_medium(result):
     """Offline RL should improve on the policy that logged the data: CQL's exact return minus the
     behaviour policy's, on the medium data."""
-    r = _medium_returns(result)
+    r = result.medium_returns("cql")
     return measure(r["cql"] - r["behaviour"], f"CQL {r['cql']:.3f}, behaviour {r['behaviour']:.3f}")
 
 
@@ -230,7 +225,7 @@ def cql_beats_behaviour_policy_on_medium(result):
 def _sweep(result, cfg):
     """(alphas, mean unseen gap, return) on the medium data, alpha = 0 being naive DQN."""
     rows = [(0.0, result.select("dqn", MEDIUM)), (cfg.alpha, result.select("cql", MEDIUM))]
-    rows += [(a, result.select("sweep", alpha=a)) for a in cfg.sweep_alphas]
+    rows += [(a, result.select("sweep", knob=a)) for a in cfg.sweep_alphas]
     rows.sort()
     return ([a for a, _ in rows], [result.gaps(ks)[0].mean().item() for _, ks in rows],
             [result.returns(ks) for _, ks in rows])
@@ -257,15 +252,4 @@ def curves(ctx, cfg, result):
     ctx.series("offline/alpha_sweep/unseen_q_gap", gaps, x_label=r"CQL $\alpha$", smooth=False, ticks=ticks,
                label="mean Q - Q* on unseen actions (medium data)",
                y_label=r"mean $Q - Q^*$ on unseen $(s,a)$", title=r"Medium data: unseen-action gap against $\alpha$")
-    base = result.baseline_returns()
-    rows = []
-    for d, quality in enumerate(QUALITIES):
-        dqn, cq = result.returns(result.select("dqn", d)), result.returns(result.select("cql", d))
-        rows.append([quality, base["behaviour"][d].item(), base["bc"][d].item(), dqn, cq])
-        ctx.scalar(f"return {quality}: CQL", cq)
-        ctx.scalar(f"return {quality}: DQN", dqn)
-    ctx.table("returns by data-set quality (exact, discounted, from the start state)",
-              ["data", "behaviour", "BC", "DQN", "CQL"], rows)
-    ctx.scalar("optimal return V*(start)", result.env.optimal_return)
-    for key, value in _medium_returns(result).items():
-        ctx.scalar(f"return medium: {key}", value)
+    returns_by_quality(ctx, result, "cql", "CQL")

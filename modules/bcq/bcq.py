@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from modules.cql.offline import (DTYPE, QUALITIES, Dataset, OfflineConfig, OfflineEnv, QRun, greedy, make_datasets,
-                                 make_env, policy_returns, td_loss, train_bc, train_q, unseen_gap)
+from modules.cql.offline import (DTYPE, Dataset, Learner, OfflineConfig, OfflineResult, QRun, greedy, learner_layout,
+                                 make_datasets, make_env, td_loss, train_bc, train_q)
 
-__all__ = ["FORMULAS", "BCQConfig", "bcq_filter_actions", "Model", "BCQResult", "layout", "train_models",
+__all__ = ["FORMULAS", "BCQConfig", "bcq_filter_actions", "BCQResult", "layout", "train_models",
            "bcq_policies", "run", "DTYPE"]
 
 FORMULAS = [
@@ -86,29 +86,18 @@ def bcq_filter_actions(q_values: torch.Tensor, behavior_logits: torch.Tensor, ta
 # The experiment: naive DQN, BCQ and the tau sweep on the data sets cql uses
 
 
-@dataclass(frozen=True)
-class Model:
-    method: str  # "dqn" (argmax in the target), "bcq" (cfg.tau) or "sweep" (another tau)
-    tau: float  # 0.0 for dqn
-    dataset: int  # index into QUALITIES
+def layout(cfg: BCQConfig) -> list[Learner]:
+    """Every learner: DQN (the argmax in the target) and BCQ on each data set, then the tau sweep on medium."""
+    return learner_layout("bcq", cfg.tau, cfg.sweep_taus, cfg.replicates)
 
 
-def layout(cfg: BCQConfig) -> list[Model]:
-    """Every learner, replicates adjacent: DQN and BCQ on each data set, then the tau sweep on medium."""
-    medium = QUALITIES.index("medium")
-    groups = [Model("dqn", 0.0, d) for d in range(len(QUALITIES))]
-    groups += [Model("bcq", cfg.tau, d) for d in range(len(QUALITIES))]
-    groups += [Model("sweep", t, medium) for t in cfg.sweep_taus]
-    return [m for m in groups for _ in range(cfg.replicates)]
-
-
-def train_models(data: Dataset, bc_logits: torch.Tensor, models: list[Model], S: int, A: int, cfg: BCQConfig,
+def train_models(data: Dataset, bc_logits: torch.Tensor, models: list[Learner], S: int, A: int, cfg: BCQConfig,
                  generator: torch.Generator, bcq_filter_actions: Callable = bcq_filter_actions) -> QRun:
     """All learners in one batch, trained by the Huber TD loss; the action their target bootstraps from
     is the online argmax for DQN and the BCQ-filtered argmax for the others (G = the data set's BC)."""
     which = torch.tensor([m.dataset for m in models])
-    taus = sorted({m.tau for m in models if m.method != "dqn"})
-    rows = {t: torch.tensor([m.method != "dqn" and m.tau == t for m in models]) for t in taus}
+    taus = sorted({m.knob for m in models if m.method != "dqn"})
+    rows = {t: torch.tensor([m.method != "dqn" and m.knob == t for m in models]) for t in taus}
 
     def next_action(next_online: torch.Tensor, next_states: torch.Tensor) -> torch.Tensor:  # (K, B, A), (K, B)
         chosen = next_online.argmax(-1)  # DQN's choice; BCQ rows are replaced below
@@ -124,37 +113,23 @@ def train_models(data: Dataset, bc_logits: torch.Tensor, models: list[Model], S:
     return train_q(data, which, S, A, cfg, generator, loss_fn, next_action=next_action)
 
 
-def bcq_policies(q: torch.Tensor, bc_logits: torch.Tensor, models: list[Model],
+def bcq_policies(q: torch.Tensor, bc_logits: torch.Tensor, models: list[Learner],
                  bcq_filter_actions: Callable = bcq_filter_actions) -> torch.Tensor:
     """(K, S, A) one-hot greedy policies: the filtered argmax for BCQ learners, argmax Q for DQN."""
     out = greedy(q)
     for k, m in enumerate(models):
         if m.method != "dqn":
-            out[k] = F.one_hot(bcq_filter_actions(q[k], bc_logits[m.dataset], m.tau), q.shape[-1]).to(q.dtype)
+            out[k] = F.one_hot(bcq_filter_actions(q[k], bc_logits[m.dataset], m.knob), q.shape[-1]).to(q.dtype)
     return out
 
 
 @dataclass
-class BCQResult:
-    env: OfflineEnv
-    data: Dataset
-    behaviour: torch.Tensor  # (3, S, A)
-    counts: torch.Tensor  # (3, S, A)
-    bc_logits: torch.Tensor  # (3, S, A) behaviour cloning = BCQ's imitation model G
-    models: list[Model]
-    run: QRun
+class BCQResult(OfflineResult):
+    """Learners are selected by ``knob`` = tau; BCQ learners act by the filtered argmax."""
     policies: torch.Tensor  # (K, S, A) each learner's greedy (BCQ: filtered) policy
 
-    def select(self, method: str, dataset: int | None = None, tau: float | None = None) -> list[int]:
-        return [k for k, m in enumerate(self.models) if m.method == method
-                and (dataset is None or m.dataset == dataset) and (tau is None or m.tau == tau)]
-
-    def returns(self, ks: list[int]) -> float:
-        return policy_returns(self.env, self.policies[ks]).mean().item()
-
-    def baseline_returns(self) -> dict[str, torch.Tensor]:
-        return {"behaviour": policy_returns(self.env, self.behaviour),
-                "bc": policy_returns(self.env, greedy(self.bc_logits))}
+    def policies_of(self, ks: list[int]) -> torch.Tensor:
+        return self.policies[ks]
 
     def unseen_choices(self, ks: list[int]) -> int:
         """How many (learner, visited non-terminal state) pairs have a greedy action the data never took there."""
@@ -162,10 +137,6 @@ class BCQResult:
         visited = (counts.sum(-1) > 0) & ~self.env.mdp.terminal
         chosen_count = (self.policies[ks] * counts).sum(-1)
         return int((visited & (chosen_count == 0)).sum())
-
-    def gaps(self, ks: list[int]):
-        counts = self.counts[[self.models[k].dataset for k in ks]]
-        return unseen_gap(self.run.q[ks], self.env.q_star, counts, self.env.mdp.terminal)
 
 
 def run(cfg: BCQConfig, generator: torch.Generator, *, bcq_filter_actions: Callable = bcq_filter_actions) -> BCQResult:

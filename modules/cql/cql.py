@@ -16,11 +16,11 @@ from typing import Callable
 
 import torch
 
-from modules.cql.offline import (DTYPE, NET_DTYPE, QUALITIES, Dataset, OfflineConfig, OfflineEnv, QRun, double_dqn_target,
-                                 greedy, huber, make_datasets, make_env, policy_returns, td_loss, train_bc, train_q,
-                                 unseen_gap)
+from modules.cql.offline import (DTYPE, NET_DTYPE, QUALITIES, Dataset, Learner, OfflineConfig, OfflineResult, QRun,
+                                 double_dqn_target, huber, learner_layout, make_datasets, make_env, td_loss, train_bc,
+                                 train_q)
 
-__all__ = ["FORMULAS", "CQLConfig", "cql_loss", "Model", "CQLResult", "layout", "train_models", "run"]
+__all__ = ["FORMULAS", "CQLConfig", "cql_loss", "CQLResult", "layout", "train_models", "run"]
 
 FORMULAS = [
     ("Discrete CQL(H) loss", r"$L=\alpha\,\mathbb{E}_{s}\left[\log\sum_a e^{Q(s,a)}-Q(s,a_D)\right]+"
@@ -90,27 +90,16 @@ def cql_loss(q_values: torch.Tensor, actions: torch.Tensor, td_targets: torch.Te
 # The experiment: naive DQN, CQL and the alpha sweep side by side, against Q* and behaviour cloning
 
 
-@dataclass(frozen=True)
-class Model:
-    method: str  # "dqn" (td_loss), "cql" (cql_loss at cfg.alpha) or "sweep" (cql_loss at another alpha)
-    alpha: float
-    dataset: int  # index into QUALITIES
+def layout(cfg: CQLConfig) -> list[Learner]:
+    """Every learner of the run: DQN and CQL on each data set, then the alpha sweep on medium."""
+    return learner_layout("cql", cfg.alpha, cfg.sweep_alphas, cfg.replicates)
 
 
-def layout(cfg: CQLConfig) -> list[Model]:
-    """Every learner of the run, replicates adjacent: DQN and CQL on each data set, then the sweep on medium."""
-    medium = QUALITIES.index("medium")
-    groups = [Model("dqn", 0.0, d) for d in range(len(QUALITIES))]
-    groups += [Model("cql", cfg.alpha, d) for d in range(len(QUALITIES))]
-    groups += [Model("sweep", a, medium) for a in cfg.sweep_alphas]
-    return [m for m in groups for _ in range(cfg.replicates)]
-
-
-def train_models(data: Dataset, models: list[Model], S: int, A: int, cfg: CQLConfig, generator: torch.Generator,
+def train_models(data: Dataset, models: list[Learner], S: int, A: int, cfg: CQLConfig, generator: torch.Generator,
                  cql_loss: Callable = cql_loss, double_dqn_target: Callable = double_dqn_target) -> QRun:
     """All learners in one batch; DQN learners use the module's td_loss, the others cql_loss at their alpha."""
     is_dqn = torch.tensor([m.method == "dqn" for m in models])
-    alphas = torch.tensor([m.alpha for m in models], dtype=NET_DTYPE)[~is_dqn]  # (K_cql,)
+    alphas = torch.tensor([m.knob for m in models], dtype=NET_DTYPE)[~is_dqn]  # (K_cql,)
 
     def loss_fn(q, a, y):  # (K, B, A), (K, B), (K, B) -> the sum over learners of their mean losses
         total = 0.0
@@ -127,34 +116,8 @@ def train_models(data: Dataset, models: list[Model], S: int, A: int, cfg: CQLCon
     return train_q(data, which, S, A, cfg, generator, loss_fn, target_fn=double_dqn_target)
 
 
-@dataclass
-class CQLResult:
-    env: OfflineEnv
-    data: Dataset  # the three data sets, (3, N) each field
-    behaviour: torch.Tensor  # (3, S, A) the behaviour policies
-    counts: torch.Tensor  # (3, S, A) visits of each (s, a) in each data set
-    bc_logits: torch.Tensor  # (3, S, A) behaviour cloning
-    models: list[Model]
-    run: QRun  # every learner's Q table and its snapshots
-
-    def select(self, method: str, dataset: int | None = None, alpha: float | None = None) -> list[int]:
-        return [k for k, m in enumerate(self.models) if m.method == method
-                and (dataset is None or m.dataset == dataset) and (alpha is None or m.alpha == alpha)]
-
-    def returns(self, ks: list[int]) -> float:
-        """Mean exact return of the greedy policies of learners ks."""
-        return policy_returns(self.env, greedy(self.run.q[ks])).mean().item()
-
-    def gaps(self, ks: list[int], q: torch.Tensor | None = None):
-        """(mean, max) of Q - Q* over each learner's unseen pairs: each (len(ks),)."""
-        q = self.run.q[ks] if q is None else q
-        counts = self.counts[[self.models[k].dataset for k in ks]]
-        return unseen_gap(q, self.env.q_star, counts, self.env.mdp.terminal)
-
-    def baseline_returns(self) -> dict[str, torch.Tensor]:
-        """(3,) exact returns of the behaviour policies and of behaviour cloning's greedy policies."""
-        return {"behaviour": policy_returns(self.env, self.behaviour),
-                "bc": policy_returns(self.env, greedy(self.bc_logits))}
+class CQLResult(OfflineResult):
+    """Learners are selected by ``knob`` = alpha; policies are greedy in the learned Q."""
 
 
 def run(cfg: CQLConfig, generator: torch.Generator, *, cql_loss: Callable = cql_loss,
@@ -180,7 +143,7 @@ def alpha_zero_matches_dqn(cfg: CQLConfig, generator_seed: int, steps: int = 30,
         env = make_env(short)
         S, A = env.q_star.shape
         data, _ = make_datasets(env, short, g)
-        models = [Model(method, 0.0, d) for d in range(len(QUALITIES))]
+        models = [Learner(method, 0.0, d) for d in range(len(QUALITIES))]
         tables.append(train_models(data, models, S, A, short, g, cql_loss, double_dqn_target).q)
     return (tables[0] - tables[1]).abs().max().item()
 

@@ -27,7 +27,7 @@ from modules.mdp import DTYPE, TabularMDP, evaluate_policy_exact, frozen_lake, v
 __all__ = [
     "QUALITIES", "OfflineConfig", "double_dqn_target", "huber", "td_loss", "OfflineEnv", "make_env",
     "behaviour_policies", "Dataset", "collect", "make_datasets", "MLPTable", "train_q", "train_bc",
-    "policy_returns", "greedy", "unseen_gap", "QRun",
+    "policy_returns", "greedy", "unseen_gap", "QRun", "Learner", "learner_layout", "OfflineResult",
 ]
 
 NET_DTYPE = torch.float32  # the networks; Q*, the data's rewards and every return stay float64
@@ -330,3 +330,65 @@ def unseen_gap(q: torch.Tensor, q_star: torch.Tensor, counts: torch.Tensor, term
     mean = torch.where(unseen, gap, 0.0).sum((-2, -1)) / n
     worst = torch.where(unseen, gap, -math.inf).amax((-2, -1))
     return mean, worst
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiment's bookkeeping: which learner is which, and what a run measured
+
+
+@dataclass(frozen=True)
+class Learner:
+    method: str  # "dqn" (the naive baseline), the method's own name ("cql", "bcq") or "sweep"
+    knob: float  # the method's setting: CQL's alpha, BCQ's tau (0.0 for dqn)
+    dataset: int  # index into QUALITIES
+
+
+def learner_layout(method: str, knob: float, sweep: tuple[float, ...], replicates: int) -> list[Learner]:
+    """Every learner of a run, replicates adjacent: naive DQN and the method on each data set, then the
+    method's sweep over its knob on the medium data."""
+    medium = QUALITIES.index("medium")
+    groups = [Learner("dqn", 0.0, d) for d in range(len(QUALITIES))]
+    groups += [Learner(method, knob, d) for d in range(len(QUALITIES))]
+    groups += [Learner("sweep", k, medium) for k in sweep]
+    return [m for m in groups for _ in range(replicates)]
+
+
+@dataclass
+class OfflineResult:
+    env: OfflineEnv
+    data: Dataset  # the three data sets, (3, N) each field
+    behaviour: torch.Tensor  # (3, S, A) the behaviour policies
+    counts: torch.Tensor  # (3, S, A) visits of each (s, a) in each data set
+    bc_logits: torch.Tensor  # (3, S, A) behaviour cloning
+    models: list[Learner]
+    run: QRun  # every learner's Q table and its snapshots
+
+    def select(self, method: str, dataset: int | None = None, knob: float | None = None) -> list[int]:
+        return [k for k, m in enumerate(self.models) if m.method == method
+                and (dataset is None or m.dataset == dataset) and (knob is None or m.knob == knob)]
+
+    def policies_of(self, ks: list[int]) -> torch.Tensor:
+        """(len(ks), S, A) the learners' policies: greedy in Q unless the method restricts the argmax."""
+        return greedy(self.run.q[ks])
+
+    def returns(self, ks: list[int]) -> float:
+        """Mean exact return of the policies of learners ks."""
+        return policy_returns(self.env, self.policies_of(ks)).mean().item()
+
+    def gaps(self, ks: list[int], q: torch.Tensor | None = None):
+        """(mean, max) of Q - Q* over each learner's unseen pairs: each (len(ks),)."""
+        q = self.run.q[ks] if q is None else q
+        counts = self.counts[[self.models[k].dataset for k in ks]]
+        return unseen_gap(q, self.env.q_star, counts, self.env.mdp.terminal)
+
+    def baseline_returns(self) -> dict[str, torch.Tensor]:
+        """(3,) exact returns of the behaviour policies and of behaviour cloning's greedy policies."""
+        return {"behaviour": policy_returns(self.env, self.behaviour),
+                "bc": policy_returns(self.env, greedy(self.bc_logits))}
+
+    def medium_returns(self, method: str) -> dict[str, float]:
+        """Exact returns on the medium data: the method, naive DQN, behaviour cloning, the behaviour policy."""
+        medium = QUALITIES.index("medium")
+        base = self.baseline_returns()
+        return {method: self.returns(self.select(method, medium)), "dqn": self.returns(self.select("dqn", medium)),
+                "bc": base["bc"][medium].item(), "behaviour": base["behaviour"][medium].item()}
