@@ -321,6 +321,33 @@ def speculation_yields_several_tokens_per_target_call(acceptance_curve, cfg):
     return measure(tokens, f"gamma {gamma}: alpha {alpha:.3f}, formula {formula:.2f}")
 
 
+@inference.check("== 0", hint="after a round keep the unread token plus the k accepted drafts in the target's cache "
+                              "and rewind the rest; the draft's cache never holds its last draft.")
+def cached_speculation_equals_greedy_target(speculative_accept, model, cfg, g):
+    """The KV-cached round a server runs (one target call on [last token, gamma drafts], then both caches
+    rewound past the rejected drafts) still gives the target's greedy output token for token: mismatched
+    tokens over 8 prompts and gamma = 1, gamma, max_gamma (a cache rewound wrongly shifts every later logit)."""
+    draft, bad = M.layer_skip_draft(model, 1), 0
+    for prompt in torch.randint(0, cfg.vocab_size, (8, 5), generator=g):
+        want = generate(model, prompt[None], cfg.curve_new)[0]
+        for gamma in sorted({1, cfg.gamma, cfg.max_gamma}):
+            got, _ = M.speculative_generate_cached(model, draft, prompt, cfg.curve_new, gamma, temperature=0.0,
+                                                   accept_fn=speculative_accept)
+            bad += int((got != want).sum())
+    return bad
+
+
+@inference.fixture(cost=8)
+def speed(speculative_accept, cfg, g):
+    """Full mode: a deep target and a 1-layer draft trained on one Markov chain's text, and the wall-clock
+    time of plain vs speculative sampling from the target for several gamma (speedup.py). None in toy mode."""
+    if not cfg.speedup:
+        return None
+    speed_cfg = M.SpeedConfig(target_layers=cfg.speed_target_layers)
+    pair = M.train_speed_pair(speed_cfg, g)
+    return speed_cfg, M.time_speculation(pair, speed_cfg, g, accept_fn=speculative_accept)
+
+
 # ---- int8 weights --------------------------------------------------------------------------------------
 
 @inference.check({"excess_over_half_step": "< 1e-5", "codes_outside_int8": "== 0"},
@@ -430,6 +457,32 @@ def speculation_curve(ctx, acceptance_curve):
                smooth=False, label=r"acceptance rate $\alpha$", y_label=r"$\alpha$", title="Acceptance rate over gamma")
     ctx.scalar("alpha (gamma=1)", acceptance_curve[0][1])
     ctx.scalar(f"tokens per target call (gamma={gammas[-1]})", acceptance_curve[-1][2])
+
+
+@inference.report
+def speculation_speedup(ctx, speed):
+    if speed is None:
+        return
+    speed_cfg, rows = speed
+    table = [[r.gamma, f"{r.alpha:.3f}", f"{r.tokens_per_call:.2f}", f"{r.c:.3f}", f"{r.seconds_plain:.3f}",
+              f"{r.seconds_speculative:.3f}", f"{r.speedup:.2f}", f"{r.predicted:.2f}", f"{r.verify:.2f}"] for r in rows]
+    ctx.table(f"Wall clock on this machine: {speed_cfg.target_layers}-layer target, 1-layer draft, "
+              f"{speed_cfg.n_prompts} prompts x {speed_cfg.n_new} tokens, temperature 1, median of {speed_cfg.repeats}",
+              ["gamma", "alpha", "tokens per target call", "c = draft / target call", "plain (s)", "speculative (s)",
+               "speed-up", "predicted (paper)", "verify call / 1-token call"], table, timed=True)
+    gammas = [r.gamma for r in rows]
+    ctx.series("spec/speedup", [r.speedup for r in rows], gammas, x_label=r"draft tokens $\gamma$",
+               group="spec/speedup", smooth=False, label="measured (wall clock, this machine)",
+               y_label="speed-up over plain decoding (x)", title="Speculative decoding: wall-clock speed-up",
+               timed=True)
+    ctx.series("spec/speedup_predicted", [r.predicted for r in rows], gammas, x_label=r"draft tokens $\gamma$",
+               group="spec/speedup", smooth=False, y_label="speed-up over plain decoding (x)", timed=True,
+               label=r"$(1-\alpha^{\gamma+1})/((1-\alpha)(\gamma c+1))$ at measured $\alpha$, $c$")
+    best = max(rows, key=lambda r: r.speedup)
+    ctx.scalar("speculative speed-up, best gamma (wall, this machine)", round(best.speedup, 2), timed=True)
+    ctx.scalar("predicted speed-up at that gamma (paper formula)", round(best.predicted, 2), timed=True)
+    ctx.scalar("target call over gamma + 1 tokens / over 1, at that gamma", round(best.verify, 2), timed=True)
+    ctx.scalar("draft / target call time c (wall, this machine)", round(rows[0].c, 3), timed=True)
 
 
 @inference.report

@@ -424,7 +424,7 @@ class AuditResult:
     series: dict[str, Series] = field(default_factory=dict)
     scalars: dict[str, Scalar] = field(default_factory=dict)
     error: str | None = None  # an exception outside every check (a report hook), if any
-    timed: list[str] = field(default_factory=list)  # scalars/checks whose values are clock measurements
+    timed: list[str] = field(default_factory=list)  # scalars/checks/series/tables whose values are clock measurements
     tables: dict[str, dict[str, list]] = field(default_factory=dict)  # name -> {"columns": [...], "rows": [[...]]}
     selected: list[str] | None = None  # the checks asked for, when not the whole audit
     stopped_after: int | None = None  # checks that ran before an exception outside every check stopped the run
@@ -456,7 +456,8 @@ class AuditResult:
     def deterministic_dict(self) -> dict[str, Any]:
         """``to_dict()`` without clock measurements: equal for two runs of the same seed and mode."""
         d = self.to_dict()
-        d["scalars"] = {k: v for k, v in d["scalars"].items() if k not in self.timed}
+        for part in ("scalars", "series", "tables"):
+            d[part] = {k: v for k, v in d[part].items() if k not in self.timed}
         for c in d["checks"]:
             if c["name"] in self.timed:
                 c["measured"] = c["margin"] = c["detail"] = "(timed)"
@@ -512,32 +513,38 @@ class Context:
 
     def series(self, name: str, y: Any, x: Any = None, *, x_label: str = "step", group: str = "",
                smooth: bool = True, label: str = "", y_label: str = "", title: str = "", key: bool = False,
-               ticks: list[str] | None = None) -> None:
+               ticks: list[str] | None = None, timed: bool = False) -> None:
         """Record a whole curve at once (a tensor, array or list). ``label`` names it in words,
         ``y_label`` gives its axis with the unit; ``key=True`` marks the curve a brief shows; ``ticks``
-        names categories (x = 0..n-1), drawn as bars."""
+        names categories (x = 0..n-1), drawn as bars; ``timed=True`` for clock measurements."""
         ys = [_finite_or_nan(v) for v in _as_list(y)]
         xs = [float(v) for v in _as_list(x)] if x is not None else [float(i) for i in range(len(ys))]
         if len(xs) != len(ys):
             raise ValueError(f"series {name!r}: {len(xs)} x values for {len(ys)} y values")
         self.result.series[name] = Series(name, xs, ys, x_label, group, smooth, label, y_label, title, key,
                                           list(ticks or []))
+        self._mark_timed(name, timed)
+
+    def _mark_timed(self, name: str, timed: bool) -> None:
+        if timed and name not in self.result.timed:
+            self.result.timed.append(name)
 
     def scalar(self, name: str, value: Any, *, timed: bool = False) -> None:
         """A headline number (or short string) shown at the top of the report; ``timed=True`` for a
         clock measurement (excluded from the determinism guarantee)."""
         self.result.scalars[name] = plain(value)
-        if timed and name not in self.result.timed:
-            self.result.timed.append(name)
+        self._mark_timed(name, timed)
 
-    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], *, timed: bool = False) -> None:
         """A small table shown in the report (e.g. which models are trainable in each stage). Cells are
-        numbers or short strings; every row has one cell per column."""
+        numbers or short strings; every row has one cell per column; ``timed=True`` when some are clock
+        measurements."""
         for row in rows:
             if len(row) != len(columns):
                 raise ValueError(f"table {name!r}: a row has {len(row)} cells for {len(columns)} columns")
         self.result.tables[name] = {"columns": [str(c) for c in columns],
                                     "rows": [[plain(v) for v in row] for row in rows]}
+        self._mark_timed(name, timed)
 
     def progress(self, done: float, total: float = 1.0) -> None:
         """Report progress through the running check or fixture (drives the progress bar)."""

@@ -121,6 +121,26 @@ def kv_cache_speedup(opts: Options) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Speculative decoding: plain vs speculative sampling, a trained 6-layer target and its 1-layer draft
+
+
+def speculative_speedup(opts: Options) -> tuple[float, str]:
+    import torch
+
+    from modules import inference as M
+
+    torch.set_num_threads(1)
+    cfg = M.SpeedConfig(gammas=(SPECULATIVE_GAMMA,), repeats=max(opts.repeats, 3))
+    g = torch.Generator().manual_seed(0)
+    (row,) = M.time_speculation(M.train_speed_pair(cfg, g), cfg, g)
+    return row.speedup, (f"gamma {row.gamma}: alpha {row.alpha:.2f}, {row.tokens_per_call:.2f} tokens per target "
+                         f"call, draft/target call {row.c:.2f}, predicted {row.predicted:.2f}x")
+
+
+SPECULATIVE_GAMMA = 4
+
+
+# ------------------------------------------------------------------------------------------------
 # The tokenizer: training as a whole process, ours vs a minbpe-style pure-Python trainer
 
 TOKENIZER_VOCAB = 512
@@ -225,6 +245,7 @@ def report_render_s(opts: Options) -> tuple[float, str]:
 
 ROWS: list[Row] = [
     Row("kv_cache_speedup_256_tokens", "x", kv_cache_speedup, Goal(">=", 5.0)),
+    Row("speculative_speedup_gamma4", "x", speculative_speedup, Goal(">=", 1.3)),
     Row("tokenizer_train_vs_minbpe_style", "x", tokenizer_vs_baseline, Goal(">=", 10.0)),
     Row("tokenizer_train_process_s", "s", tokenizer_train_s, None),
     Row("audit_sft_full_s", "s", audit_sft_full_s, Goal("<", 30.0)),

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from llmaudit.registry import get_audit
 from modules import inference as M
 from modules.inference import paged as P
+from modules.inference import speculative as S
 from modules.transformer import expand_kv_heads, generate
 
 F64 = torch.float64
@@ -165,6 +166,52 @@ def test_layer_skip_draft_shares_the_targets_first_layers():
     assert sum(p.numel() for p in draft.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_cached_greedy_speculation_is_the_targets_greedy_output(draft_layers, gamma, prompt_len, seed):
+    model = tiny_model(seed)
+    model_3 = M.sharp_model(M.InferenceConfig(n_layers=3), torch.Generator().manual_seed(seed))
+    for target in (model, model_3):
+        draft = M.layer_skip_draft(target, min(draft_layers, target.cfg.n_layers - 1))
+        prompt = torch.randint(0, 32, (prompt_len,), generator=torch.Generator().manual_seed(seed + 1))
+        got, rounds = M.speculative_generate_cached(target, draft, prompt, 20, gamma, temperature=0.0)
+        assert torch.equal(got, generate(target, prompt[None], 20)[0])
+        assert rounds.min() >= 0 and rounds.max() <= gamma and int((rounds + 1).sum()) >= 20
+
+
+def test_cached_speculative_samples_follow_the_target_and_rewind_both_caches():
+    cfg = M.InferenceConfig()
+    g = torch.Generator().manual_seed(7)
+    target = M.sharp_model(cfg, g, vocab_size=4)
+    draft = M.sharp_model(cfg, g, vocab_size=4, n_layers=1)  # unrelated: many rejections, many rewinds
+    prompt, n, m = torch.tensor([1, 0, 3]), 3000, 2
+    cells, all_accepted = torch.zeros(16), 0
+    for _ in range(n):
+        tokens, rounds = M.speculative_generate_cached(target, draft, prompt, m, 2, generator=g)
+        cells[tokens[3] * 4 + tokens[4]] += 1
+        all_accepted += int((rounds == 2).sum())
+    expected = M.target_continuation_distribution(target, prompt, m) * n
+    _, _, p_value = M.chi_square_test(cells.double(), expected)
+    assert p_value > 1e-3 and all_accepted > 0  # the draft's catch-up branch (all drafts kept) ran too
+
+
+def test_speedup_formula_limits():
+    assert M.predicted_speedup(0.8, 4, 0.0) == pytest.approx(M.expected_tokens_per_call(0.8, 4))
+    assert M.predicted_speedup(0.0, 4, 0.25) == pytest.approx(0.5)  # every draft wasted: 1 token per 2 target-calls
+    assert M.predicted_speedup(1.0, 3, 0.25) == pytest.approx(4 / 1.75)
+
+
+def test_time_speculation_measures_every_gamma():
+    cfg = M.SpeedConfig(target_layers=2, train_steps=4, n_prompts=1, n_new=6, gammas=(1, 3), repeats=1)
+    g = torch.Generator().manual_seed(0)
+    rows = M.time_speculation(M.train_speed_pair(cfg, g), cfg, g)
+    assert [r.gamma for r in rows] == [1, 3]
+    for r in rows:
+        assert 0 <= r.alpha <= 1 and 1 <= r.tokens_per_call <= r.gamma + 1
+        assert r.seconds_plain > 0 and r.seconds_speculative > 0 and r.c > 0 and r.verify > 0
+        assert r.predicted == pytest.approx(M.predicted_speedup(r.alpha, r.gamma, r.c))
+
+
 def test_target_continuation_distribution_sums_to_one():
     model = tiny_model(vocab_size=4)
     dist = M.target_continuation_distribution(model, torch.tensor([1, 2, 3]), 3)
@@ -205,13 +252,16 @@ def test_audit_passes_toy():
     assert result.error is None, result.error
     assert result.passed, [(c.name, c.measured) for c in result.checks if not c.passed]
     assert {c.kind for c in result.checks} == {"invariant", "outcome"}
-    assert "spec/tokens_per_call" in result.series
+    assert "spec/tokens_per_call" in result.series and "spec/speedup" not in result.series  # timed: full only
 
 
 @pytest.mark.slow
 def test_audit_passes_full():
     result = audit_once("inference", "full", 0)
     assert result.passed, (result.error, [(c.name, c.measured) for c in result.checks if not c.passed])
+    timed = [t for t in result.tables if t.startswith("Wall clock")]  # the speed-up is timed, in full mode only
+    assert timed and timed[0] in result.timed and "spec/speedup" in result.timed
+    assert "spec/speedup" not in result.deterministic_dict()["series"]
 
 
 def test_audit_is_deterministic():
@@ -308,6 +358,8 @@ MUTANTS = [
            {"speculative_accept": accept_with(stop=False)}),
     Mutant("speculation_yields_several_tokens_per_target_call", "every draft rejected",
            {"speculative_accept": accept_with(never=True)}),
+    Mutant("cached_speculation_equals_greedy_target", "cache rewound one token too far",
+           patch=patched(S, "rewind_cache", lambda cache, length: setattr(cache, "length", length - 1))),
     Mutant("int8_error_is_at_most_half_a_step", "round toward zero",
            {"quantize_int8_per_channel": quantize_with(rounding=torch.trunc)}),
     Mutant("per_channel_scales_follow_each_row", "one scale per tensor",

@@ -241,6 +241,13 @@ def _kv_bytes(rng: random.Random) -> Problem:
     return Problem({k: str(v) for k, v in p.items()}, float(I.kv_cache_bytes(**p)))
 
 
+@generator("inference.speculative_speedup")
+def _spec_speedup(rng: random.Random) -> Problem:
+    I = _module("inference")  # noqa: E741
+    alpha, gamma, c = rng.choice([0.6, 0.7, 0.8, 0.9]), rng.choice([2, 3, 4, 5]), rng.choice([0.05, 0.1, 0.2])
+    return Problem({"alpha": str(alpha), "gamma": str(gamma), "c": str(c)}, I.predicted_speedup(alpha, gamma, c))
+
+
 @generator("megatron.pipeline_bubble")
 def _bubble(rng: random.Random) -> Problem:
     Mg = _module("megatron")

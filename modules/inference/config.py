@@ -18,6 +18,7 @@ FORMULAS = [
     ("Acceptance", r"$P(\mathrm{accept}\ x)=\min\left(1,\frac{p(x)}{q(x)}\right)$"),
     ("Residual", r"$p'(x)=\frac{\max(0,p(x)-q(x))}{\sum_{x'}\max(0,p(x')-q(x'))}$"),
     ("Tokens per call", r"$\frac{1-\alpha^{\gamma+1}}{1-\alpha}$"),
+    ("Wall-clock speed-up", r"$\frac{1-\alpha^{\gamma+1}}{(1-\alpha)(\gamma c+1)},\ c=t_{draft}/t_{target}$"),
     ("int8 absmax", r"$s_j=\frac{\max_i|W_{ji}|}{127},\ Q=\mathrm{round}(W/s_j)$"),
 ]
 
@@ -65,6 +66,8 @@ class InferenceConfig:
     ppl_samples: int = 64  # sequences sampled from the model for the perplexity change
     ppl_len: int = 32
     max_ppl_change: float = 0.005  # outcome bar, relative perplexity change of int8 weights: toy seeds <= 0.0014
+    speedup: bool = False  # time speculative decoding (a trained deep target, a 1-layer draft): full mode only
+    speed_target_layers: int = 6  # the timed target's depth (the draft has 1 layer)
 
     RANGES = {
         "d_model": ">= 1", "n_layers": ">= 2", "n_heads": ">= 1", "n_kv_heads": ">= 1", "d_ff": ">= 1",
@@ -74,7 +77,7 @@ class InferenceConfig:
         "min_p99_latency_gain": ">= 0", "spec_vocab": ">= 2", "spec_new": ">= 1", "spec_samples": ">= 1",
         "gamma": ">= 1", "max_gamma": ">= 1", "curve_samples": ">= 1", "curve_new": ">= 1",
         "unigram_rounds": ">= 2", "significance": "(0, 1)", "max_z": "> 0", "min_tokens_per_call": ">= 0",
-        "ppl_samples": ">= 1", "ppl_len": ">= 2", "max_ppl_change": ">= 0",
+        "ppl_samples": ">= 1", "ppl_len": ">= 2", "max_ppl_change": ">= 0", "speed_target_layers": ">= 1",
     }
 
     def __post_init__(self):
@@ -92,7 +95,7 @@ class InferenceConfig:
         # bars: full seeds 0-4 reach throughput 2.58-3.14, p99 3.81-4.82, tokens per call (gamma 6) 2.54-2.98
         return cls(n_requests=64, decode_steps=80, spec_samples=4000, max_gamma=6, curve_samples=128, curve_new=24,
                    unigram_rounds=100000, ppl_samples=256, min_throughput_gain=2.3, min_p99_latency_gain=3.4,
-                   min_tokens_per_call=2.3)
+                   min_tokens_per_call=2.3, speedup=True)
 
     def model_config(self, vocab_size: int | None = None, n_layers: int | None = None) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size or self.vocab_size, d_model=self.d_model,

@@ -9,9 +9,11 @@ Every emitted token is distributed exactly as the target's p (Leviathan et al. 2
 2023): P(x) = min(q(x), p(x)) + (1 - sum min(p, q)) * max(0, p(x) - q(x)) / sum max(0, p - q) = p(x).
 Under greedy decoding p and q are one-hot, so the output equals the target's greedy output token for token.
 
-Builds on: modules.transformer. Deviations: the draft is the target's first layers (a layer-skipping
-draft, as self-speculative decoding uses) and both models recompute the whole prefix each call (no KV
-cache): the audit counts target calls, it does not time them.
+Builds on: modules.transformer. Two implementations of the same round: speculative_generate, batched,
+recomputes the whole prefix each call (simple to check: the audit counts its target calls), and
+speculative_generate_cached, one sequence with a KV cache per model that is rewound past the rejected
+drafts (what a server runs, and what speedup.py times). The audit's drafts are the target's first
+layers (a layer-skipping draft, as self-speculative decoding uses) or a separately trained small model.
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from modules.transformer import ModelConfig, Transformer
+from modules.transformer import KVCache, ModelConfig, Transformer
 
 __all__ = ["speculative_accept", "expected_tokens_per_call", "layer_skip_draft", "token_probs",
-           "speculative_generate", "target_continuation_distribution", "exact_speculative_distribution",
-           "chi_square_test"]
+           "speculative_generate", "rewind_cache", "speculative_generate_cached",
+           "target_continuation_distribution", "exact_speculative_distribution", "chi_square_test"]
 
 
 def speculative_accept(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,
@@ -102,6 +104,61 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: torch.
         buf[rows], lengths[rows] = seq, lens + n + 1
         rounds.append(n)
     return buf[:, :P + n_new], torch.cat(rounds)
+
+
+def rewind_cache(cache: KVCache, length: int) -> None:
+    """Forget every token from position ``length`` on: the next forward writes there. (The slots are
+    not cleared; attention reads only the first ``cache.length`` of them.)"""
+    cache.length = length
+
+
+def _next_token(probs: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    return _sample(probs, generator) if temperature else probs.argmax(-1)
+
+
+@torch.inference_mode()
+def speculative_generate_cached(target: Transformer, draft: Transformer, prompt: torch.Tensor, n_new: int,
+                                gamma: int, *, temperature: float = 1.0, generator: torch.Generator | None = None,
+                                accept_fn: Callable = speculative_accept) -> tuple[torch.Tensor, torch.Tensor]:
+    """speculative_generate for one sequence (P,) with a KV cache per model, as a server decodes:
+
+        draft:  gamma one-token calls on its cache (the first also reads the token(s) it has not seen yet)
+        target: one call on [last emitted token, gamma drafts] -> p at the gamma + 1 positions
+        accept: n drafts and one more token; both caches are rewound to drop the rejected drafts
+
+    so a round costs gamma draft calls and ONE target call, whatever n is. Returns (tokens (P + n_new,),
+    n_accepted of every round (R,))."""
+    P = prompt.shape[-1]
+    prompt = prompt.view(1, P)
+    capacity = P + n_new + gamma + 1
+    caches = {m: KVCache(m.cfg, 1, capacity, dtype=m.lm_head.weight.dtype) for m in (target, draft)}
+    for m in (target, draft):  # prefill all but the last prompt token: each round starts by reading it
+        if P > 1:
+            m(prompt[:, :-1], caches[m])
+    out, rounds = [prompt[0]], []
+    unread_target = unread_draft = prompt[:, -1:]  # tokens emitted but not yet in that model's cache
+    while sum(len(t) for t in out) < P + n_new:
+        start = caches[target].length
+        q, drafted = [], []
+        logits = draft(unread_draft, caches[draft])[:, -1]
+        for i in range(gamma):
+            q.append(token_probs(logits.double(), temperature))
+            drafted.append(_next_token(q[-1], temperature, generator))
+            if i < gamma - 1:  # the last draft is only read next round, if it is accepted
+                logits = draft(drafted[-1][:, None], caches[draft])[:, -1]
+        x = torch.stack(drafted, 1)  # (1, gamma)
+        p = token_probs(target(torch.cat([unread_target, x], 1), caches[target]).double(), temperature)
+        u = torch.rand(1, gamma, generator=generator, dtype=torch.float64) if temperature else \
+            torch.zeros(1, gamma, dtype=torch.float64)  # greedy: one-hot p and q decide alone
+        n, next_probs = accept_fn(p, torch.stack(q, 1), x, u)
+        k, token = int(n[0]), _next_token(next_probs, temperature, generator)
+        out += [x[0, :k], token]
+        rounds.append(k)
+        rewind_cache(caches[target], start + 1 + k)  # the unread token and the k accepted drafts stay
+        rewind_cache(caches[draft], start + min(1 + k, gamma))  # the draft never read its last draft
+        unread_draft = torch.cat([x[:, gamma - 1:], token[:, None]], 1) if k == gamma else token[:, None]
+        unread_target = token[:, None]
+    return torch.cat(out)[:P + n_new], torch.tensor(rounds)
 
 
 @torch.inference_mode()
