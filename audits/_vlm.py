@@ -1,6 +1,8 @@
 """Measurements shared by the three connector audits (vlm_projection, qformer, flamingo)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from modules import vlm as M
@@ -29,8 +31,21 @@ def visual_position_gradient(result: M.ConnectorResult, cfg, g: torch.Generator)
 
 
 def attention_grid(weights: torch.Tensor) -> list[list]:
-    """A (9,) attention over the patches as 3 rows of 3 cells (the image's layout), in percent."""
-    return [[round(100 * w, 1) for w in weights[r * M.GRID:(r + 1) * M.GRID].tolist()] for r in range(M.GRID)]
+    """A (9,) attention over the patches as 3 labelled rows of 3 cells (the image's layout), in percent."""
+    return [[row] + [round(100 * w, 1) for w in weights[r * M.GRID:(r + 1) * M.GRID].tolist()]
+            for r, row in enumerate(("top", "middle", "bottom"))]
+
+
+def record_attention(ctx, cfg, who: str, attention_map: Callable[[M.Scenes], torch.Tensor]) -> None:
+    """``who``'s attention over the 3x3 patches of one image of this seed, drawn as a heatmap, and the
+    share that lands on the object's patch. ``attention_map(scenes)`` -> (B, 9)."""
+    s = M.draw_scenes(1, cfg.noise, torch.Generator().manual_seed(ctx.seed))
+    with torch.no_grad():
+        weights = attention_map(s)[0]
+    colour, shape, cell = s.attributes[0].tolist()
+    ctx.table(f"{who} over the 3x3 patches (%), one image: {M.COLOURS[colour]} {M.SHAPES[shape]} at "
+              f"{M.PLACES[cell]}", ["row", "left", "centre", "right"], attention_grid(weights), draw="heatmap")
+    ctx.scalar("attention on the object's patch", weights[cell])
 
 
 def record_training(ctx, result: M.ConnectorResult, name: str, key: bool = True) -> None:

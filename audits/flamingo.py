@@ -106,10 +106,6 @@ def cost_and_attention(ctx, trained, cfg):
         ctx.series(f"cost/attention_flops_{how}", [r[col] for r in rows], sizes, x_label="visual tokens P",
                    group="cost/attention_flops", smooth=False, label=label, y_label="attention FLOPs",
                    title="Attention FLOPs as the image grows", key=how == "concat")
-    s = M.draw_scenes(1, cfg.noise, torch.Generator().manual_seed(ctx.seed))
-    with torch.no_grad():
-        weights = trained.connector.resampler.attention_map(trained.frozen.encoder(M.patchify(s.images)))[0]
-    colour, shape, cell = s.attributes[0].tolist()
-    ctx.table(f"Resampler latents' attention over the 3x3 patches (%), one image: {M.COLOURS[colour]} "
-              f"{M.SHAPES[shape]} at {M.PLACES[cell]}", ["left", "centre", "right"], V.attention_grid(weights))
-    ctx.scalar("attention on the object's patch", weights[cell])
+    resampler = trained.connector.resampler
+    V.record_attention(ctx, cfg, "The resampler latents' attention",
+                       lambda s: resampler.attention_map(trained.frozen.encoder(M.patchify(s.images))))

@@ -257,7 +257,8 @@ def curves(ctx, cfg, zero, gpipe, one_f_one_b, tensor_parallel):
     for name, runs in (("GPipe", gpipe), ("1F1B", one_f_one_b)):
         r = runs[w]
         ctx.table(f"{name} timeline, p = {w}, m = {cfg.n_micro} (F/B of micro-batch i, · idle)",
-                  ["stage"] + [str(t) for t in range(int(max(e for *_, e in r.timeline)))], _gantt(r.timeline, w))
+                  ["stage"] + [str(t) for t in range(int(max(e for *_, e in r.timeline)))], _gantt(r.timeline, w),
+                  draw="gantt")
         ctx.scalar(f"{name} bubble (p={w}, m={cfg.n_micro})", r.bubble)
         ctx.scalar(f"{name} max in-flight micro-batches (p={w})", max(r.in_flight))
     labels = ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3"]

@@ -97,10 +97,5 @@ def answers_questions_on_held_out_images(trained):
 @qformer.report
 def curves(ctx, trained, cfg):
     V.record_training(ctx, trained, "Q-Former")
-    s = M.draw_scenes(1, cfg.noise, torch.Generator().manual_seed(ctx.seed))
-    with torch.no_grad():
-        weights = trained.connector.attention_map(trained.frozen.encoder(M.patchify(s.images)))[0]
-    colour, shape, cell = s.attributes[0].tolist()
-    ctx.table(f"Queries' attention over the 3x3 patches (%), one image: {M.COLOURS[colour]} {M.SHAPES[shape]} "
-              f"at {M.PLACES[cell]}", ["left", "centre", "right"], V.attention_grid(weights))
-    ctx.scalar("attention on the object's patch", weights[cell])
+    V.record_attention(ctx, cfg, "The queries' attention", lambda s: trained.connector.attention_map(
+        trained.frozen.encoder(M.patchify(s.images))))

@@ -100,6 +100,8 @@ def text_only_baseline_is_near_chance(trained):
 @vlm_projection.report
 def curves(ctx, trained, cfg):
     V.record_training(ctx, trained, "projector")
+    V.record_attention(ctx, cfg, "The frozen LM's attention (question word, last layer)",
+                       lambda s: trained.connector.lm_attention_map(trained.frozen, s))
     ctx.table("Trainable parameters per connector (this config)", ["connector", "trainable", "visual tokens in the LM"],
               [["MLP projector (LLaVA)", M.projector_parameters(cfg.d_vision, cfg.d_model), M.N_PATCHES],
                ["Q-Former, 4 queries (BLIP-2)", M.qformer_parameters(4, cfg.d_vision, cfg.d_model), 4],

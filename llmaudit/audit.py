@@ -425,7 +425,7 @@ class AuditResult:
     scalars: dict[str, Scalar] = field(default_factory=dict)
     error: str | None = None  # an exception outside every check (a report hook), if any
     timed: list[str] = field(default_factory=list)  # scalars/checks/series/tables whose values are clock measurements
-    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # name -> {"columns": [...], "rows": [[...]]}
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"columns", "rows"[, "draw"]}
     selected: list[str] | None = None  # the checks asked for, when not the whole audit
     stopped_after: int | None = None  # checks that ran before an exception outside every check stopped the run
 
@@ -450,8 +450,7 @@ class AuditResult:
                 "scalars": dict(self.scalars), "timed": list(self.timed), "selected": self.selected,
                 "stopped_after": self.stopped_after,
                 "series": {k: s.to_dict() for k, s in self.series.items()},
-                "tables": {k: {"columns": list(t["columns"]), "rows": [list(r) for r in t["rows"]]}
-                           for k, t in self.tables.items()}}
+                "tables": {k: _table_copy(t) for k, t in self.tables.items()}}
 
     def deterministic_dict(self) -> dict[str, Any]:
         """``to_dict()`` without clock measurements: equal for two runs of the same seed and mode."""
@@ -469,9 +468,19 @@ class AuditResult:
                    checks=[Check.from_dict(c) for c in d["checks"]],
                    series={k: Series.from_dict(s) for k, s in d.get("series", {}).items()},
                    scalars=dict(d.get("scalars", {})), error=d.get("error"), timed=list(d.get("timed", [])),
-                   tables={k: {"columns": list(t["columns"]), "rows": [list(r) for r in t["rows"]]}
-                           for k, t in d.get("tables", {}).items()},
+                   tables={k: _table_copy(t) for k, t in d.get("tables", {}).items()},
                    selected=d.get("selected"), stopped_after=d.get("stopped_after"))
+
+
+TABLE_DRAWINGS = ("", "heatmap", "gantt")  # how a table may also be drawn in the report ("" = not drawn)
+
+
+def _table_copy(t: dict[str, Any]) -> dict[str, Any]:
+    """A table record's own copy: columns, rows and, when it is drawn, how ("draw")."""
+    out = {"columns": list(t["columns"]), "rows": [list(r) for r in t["rows"]]}
+    if t.get("draw"):
+        out["draw"] = t["draw"]
+    return out
 
 
 def stable_seed(seed: int, name: str) -> int:
@@ -535,15 +544,20 @@ class Context:
         self.result.scalars[name] = plain(value)
         self._mark_timed(name, timed)
 
-    def table(self, name: str, columns: list[str], rows: list[list[Any]], *, timed: bool = False) -> None:
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], *, timed: bool = False,
+              draw: str = "") -> None:
         """A small table shown in the report (e.g. which models are trainable in each stage). Cells are
         numbers or short strings; every row has one cell per column; ``timed=True`` when some are clock
-        measurements."""
+        measurements. ``draw`` also shows it as a picture: "heatmap" (row label, then numbers: an
+        attention map) or "gantt" (row label, then one cell per time slot: "F3" / "B3" for the forward /
+        backward of micro-batch 3, anything else idle)."""
+        if draw not in TABLE_DRAWINGS:
+            raise ValueError(f"table {name!r}: draw must be one of {sorted(TABLE_DRAWINGS)}, got {draw!r}")
         for row in rows:
             if len(row) != len(columns):
                 raise ValueError(f"table {name!r}: a row has {len(row)} cells for {len(columns)} columns")
-        self.result.tables[name] = {"columns": [str(c) for c in columns],
-                                    "rows": [[plain(v) for v in row] for row in rows]}
+        self.result.tables[name] = _table_copy({"columns": [str(c) for c in columns],
+                                                "rows": [[plain(v) for v in row] for row in rows], "draw": draw})
         self._mark_timed(name, timed)
 
     def progress(self, done: float, total: float = 1.0) -> None:

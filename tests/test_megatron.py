@@ -196,6 +196,17 @@ def test_audit_passes_toy():
     assert result.passed, [(c.name, c.measured, c.error) for c in result.checks if not c.passed]
 
 
+def test_report_draws_both_schedules_as_gantt_charts():
+    """Each timeline is drawn; on every stage each micro-batch has one forward and one backward slot."""
+    result = audit_once("megatron", "toy", 0)
+    m = M.MegatronConfig.toy().n_micro
+    drawn = {name: t for name, t in result.tables.items() if t.get("draw") == "gantt"}
+    assert sorted(name.split()[0] for name in drawn) == ["1F1B", "GPipe"]
+    for t in drawn.values():
+        for row in t["rows"]:
+            assert sorted(c for c in row[1:] if c != "·") == sorted([f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)])
+
+
 @pytest.mark.slow
 def test_audit_passes_full():
     result = audit_once("megatron", "full", 0)

@@ -84,3 +84,43 @@ def test_tables_round_trip_and_render(tmp_path):
     md, html = paths["markdown"].read_text(), paths["html"].read_text()
     assert "## Stages\n\n| stage | trainable | gold | \n|---|---|---|\n| SFT | policy | 1.5 | \n" in md
     assert "PPO \\| RL" in md and "<th>trainable</th>" in html and "<td>actor, critic</td>" in html
+
+
+def _count_colour(png: bytes, hex_colour: str) -> int:
+    import io
+
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    rgb = mpimg.imread(io.BytesIO(png), format="png")[..., :3]
+    want = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    return int((np.abs(rgb - want).max(axis=-1) < 0.02).sum())
+
+
+def test_drawn_tables_become_pictures_in_both_pages(tmp_path):
+    from llmaudit.audit import AuditResult, Context
+    from llmaudit.record import RunRecord
+    from llmaudit.report.plots import PALETTE, table_png
+
+    ctx = Context("mdp", seed=0)
+    gantt = [["stage 0", "F0", "F1", "·", "·", "B0", "B1"], ["stage 1", "·", "F0", "B0", "F1", "B1", "·"]]
+    ctx.table("Pipeline", ["stage"] + [str(t) for t in range(6)], gantt, draw="gantt")
+    ctx.table("Attention", ["row", "left", "right"], [["top", 10.0, 70.0], ["bottom", 5.0, 15.0]], draw="heatmap")
+    ctx.table("Plain", ["a"], [[1]])
+    with pytest.raises(ValueError, match="draw must be one of"):
+        ctx.table("Bad", ["a"], [[1]], draw="pie")
+    result = AuditResult.from_dict(ctx.result.to_dict())
+    assert result.tables == ctx.result.tables and result.tables["Pipeline"]["draw"] == "gantt"
+    assert "draw" not in result.tables["Plain"]  # undrawn tables keep the old record layout
+    # every forward slot has its backward: as much blue (F) as orange (B) in the timeline
+    png = table_png("Pipeline", result.tables["Pipeline"])
+    blue, orange = _count_colour(png, PALETTE[0]), _count_colour(png, PALETTE[3])
+    assert blue > 500 and abs(blue - orange) < 0.1 * blue
+    rec = run_audit("mdp", mode="toy", seeds=[0])
+    paths = save_and_render(RunRecord.from_dict(rec.to_dict() | {"results": [result.to_dict()]}), tmp_path)
+    md, html = paths["markdown"].read_text(), paths["html"].read_text()
+    pictures = [i for i in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md) if i.startswith("table-")]
+    assert pictures == ["table-pipeline.png", "table-attention.png"]
+    for p in pictures:
+        assert (paths["markdown"].parent / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert html.count('alt="Pipeline" src="data:image/png;base64,') == 1 and html.count("<summary>the numbers") == 2

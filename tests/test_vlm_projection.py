@@ -1,10 +1,11 @@
 """The LLaVA projector: the kernel against torch, the shared VLM task, the audit, one mutant per check."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, mutant_params, patched
+from conftest import Mutant, assert_every_check_has_a_mutant, assert_mutant_fails, audit_once, mutant_params, patched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vlm_mutants import SKEWED_DATA, fresh_pretraining, labels_without_image_mask, shared_mutants
@@ -78,3 +79,18 @@ def test_mutant_breaks_its_check(mutant):
 
 def test_every_check_has_a_mutant():
     assert_every_check_has_a_mutant("vlm_projection", MUTANTS)
+
+
+@pytest.mark.parametrize("module", ["vlm_projection", "qformer", "flamingo"])
+def test_report_draws_an_attention_heatmap_over_the_patches(module):
+    """One attention map per connector, in the image's 3x3 layout, in percent: the Q-Former's queries
+    attend to the patches only (100 in all); the LM (projector) also attends to the text, and the
+    resampler's latents to themselves, so theirs sum to less."""
+    result = audit_once(module, "toy", 0)
+    (table,) = [t for t in result.tables.values() if t.get("draw") == "heatmap"]
+    assert table["columns"] == ["row", "left", "centre", "right"]
+    assert [r[0] for r in table["rows"]] == ["top", "middle", "bottom"]
+    values = [v for r in table["rows"] for v in r[1:]]
+    assert all(0 <= v <= 100 for v in values)
+    assert sum(values) == pytest.approx(100, abs=0.5) if module == "qformer" else 0 < sum(values) < 100
+    assert round(100 * result.scalars["attention on the object's patch"], 1) in values

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -325,6 +326,70 @@ def bar_png(title: str, labels: list[str], values: list[float], *, x_label: str,
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", metadata={"Software": None})
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def _gantt(ax: Any, columns: list[str], rows: list[list[Any]]) -> None:
+    """One row per stage (stage 0 on top), one unit slot per column: forward slots blue, backward
+    orange, each marked with its micro-batch; idle slots stay blank (the bubble)."""
+    colours = {"F": PALETTE[0], "B": PALETTE[3]}
+    for y, row in enumerate(rows):
+        for t, cell in enumerate(row[1:]):
+            text = str(cell)
+            if text[:1] in colours and text[1:].isdigit():
+                ax.broken_barh([(t, 1)], (y - 0.4, 0.8), facecolors=colours[text[0]], edgecolor="white")
+                ax.text(t + 0.5, y, text[1:], ha="center", va="center", fontsize=7, color="white")
+    ax.set_yticks(range(len(rows)), [str(r[0]) for r in rows], fontsize=8.5)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(0, len(columns) - 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("time slot (one forward or backward of one micro-batch)", fontsize=9)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=PALETTE[0], label="forward (micro-batch i)"),
+                       Patch(color=PALETTE[3], label="backward (micro-batch i)"),
+                       Patch(facecolor="white", edgecolor=NOTE, label="idle (bubble)")],
+              fontsize=7.5, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def _heatmap(fig: Any, ax: Any, columns: list[str], rows: list[list[Any]]) -> None:
+    """Numbers as colour, each cell labelled with its value; the row labels down the side."""
+    values = [[float(v) for v in row[1:]] for row in rows]
+    image = ax.imshow(values, cmap="viridis", aspect="equal")
+    top = max(max(r) for r in values)
+    for y, row in enumerate(values):
+        for x, v in enumerate(row):
+            ax.text(x, y, f"{v:g}", ha="center", va="center", fontsize=8.5,
+                    color="black" if v > 0.6 * top else "white")
+    ax.set_xticks(range(len(columns) - 1), columns[1:], fontsize=8.5)
+    ax.set_yticks(range(len(rows)), [str(r[0]) for r in rows], fontsize=8.5)
+    fig.colorbar(image, ax=ax, shrink=0.85).ax.tick_params(labelsize=8)
+
+
+def table_png(name: str, table: dict[str, Any], *, dpi: int = 110) -> bytes:
+    """A table recorded with ``draw`` ("gantt" or "heatmap", see AuditContext.table) as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    columns, rows, how = table["columns"], table["rows"], table["draw"]
+    if how == "gantt":
+        fig, ax = plt.subplots(figsize=(min(2.0 + 0.32 * len(columns), 11.0), 0.9 + 0.45 * len(rows)), dpi=dpi)
+        _gantt(ax, columns, rows)
+    elif how == "heatmap":
+        fig, ax = plt.subplots(figsize=(1.8 + 0.9 * len(columns), 0.9 + 0.75 * len(rows)), dpi=dpi)
+        _heatmap(fig, ax, columns, rows)
+    else:
+        raise ValueError(f"table {name!r}: cannot draw {how!r}")
+    try:
+        fig.suptitle(textwrap.fill(name, 60 if how == "heatmap" else 100), x=0.02, ha="left", fontsize=9.5)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": None})  # the legend outside too
         return buf.getvalue()
     finally:
         plt.close(fig)

@@ -26,7 +26,7 @@ from llmaudit.audit import format_measured
 from llmaudit.record import RecordError, RunRecord, atomic_write, latest_records
 from llmaudit.report import cache
 from llmaudit.report.formulas import formula_svg
-from llmaudit.report.plots import progress_plots, run_plots
+from llmaudit.report.plots import progress_plots, run_plots, slug, table_png
 
 
 def _env() -> jinja2.Environment:
@@ -68,6 +68,13 @@ def _plots(record: RunRecord) -> list[Plot]:
     return [Plot(title, file, png) for title, file, png in run_plots(record.results)]
 
 
+def _picture(name: str, table: dict[str, Any]) -> Plot | None:
+    """The table drawn as a picture (a pipeline timeline, an attention map), when it asks to be."""
+    if not table.get("draw"):
+        return None
+    return Plot(name, f"table-{slug(name)}.png", table_png(name, table))
+
+
 def _context(record: RunRecord) -> dict[str, Any]:
     created = record.created[:16].replace("T", " ") + " UTC" if record.created else "undated"
     seeds = []
@@ -80,7 +87,7 @@ def _context(record: RunRecord) -> dict[str, Any]:
               for k, v in record.config.items()]
     user_kernels = {k: v for k, v in record.kernels.items() if v != "reference"}
     first = record.results[0] if record.results else None
-    tables = [(name, t["columns"], [[format_measured(v) for v in row] for row in t["rows"]])
+    tables = [(name, t["columns"], [[format_measured(v) for v in row] for row in t["rows"]], _picture(name, t))
               for name, t in (first.tables.items() if first else [])]
     return {"tables": tables, "tables_seed": first.seed if first else None, "r": record, "created": created, "checks": record.checks, "scalars": _scalars(record),
             "seeds": seeds, "config": config, "user_kernels": user_kernels,
@@ -94,14 +101,15 @@ def render_run(record: RunRecord, reports: Path, source: bytes | None = None) ->
     can tell later that they are up to date."""
     out = run_dir(reports, record)
     plots = _plots(record)
+    ctx = _context(record)
     formulas = []
     for i, (label, tex) in enumerate(record.formulas, 1):
         svg = formula_svg(tex, cache=cache.cache_dir(reports, "formulas"))
         formulas.append({"label": label, "tex": tex, "svg": svg, "file": f"formula-{i}.svg"})
         atomic_write(out / f"formula-{i}.svg", svg)
-    for p in plots:
+    ctx |= {"plots": plots, "formulas": formulas}
+    for p in plots + [t[3] for t in ctx["tables"] if t[3] is not None]:
         atomic_write(out / p.file, p.png)
-    ctx = _context(record) | {"plots": plots, "formulas": formulas}
     env = _env()
     md = atomic_write(out / "report.md", env.get_template("run.md.j2").render(**ctx))
     html = atomic_write(out / "report.html", env.get_template("run.html.j2").render(**ctx))

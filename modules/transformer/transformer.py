@@ -226,6 +226,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, K * hd, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, K * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, cfg.d_model, bias=False)
+        self.keep_probs = False  # set True to keep the last attention probabilities in self.probs (for plots)
+        self.probs: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -242,6 +244,8 @@ class Attention(nn.Module):
         if T > 1:  # a single query is the newest token: it may see every key, so there is no mask
             scores = scores.masked_fill(~causal_mask(T, k.shape[2]), float("-inf"))
         probs = softmax_last_dim(scores)
+        if self.keep_probs:
+            self.probs = probs.detach()  # (B, H, T, S), like HF's output_attentions
         out = (probs @ v).transpose(1, 2).reshape(B, T, H * hd)  # heads side by side again
         return self.o_proj(out)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.vlm.task import N_PATCHES, Connector, Frozen, Scenes, VLMConfig, patchify, prefix_embeddings
+from modules.vlm.task import N_PATCHES, Connector, Frozen, Scenes, VLMConfig, patchify, prefix_embeddings, vlm_ids
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,17 @@ class MLPProjector(Connector):
     def logits(self, frozen: Frozen, scenes: Scenes, ids: torch.Tensor) -> torch.Tensor:
         embeds = prefix_embeddings(frozen.lm, ids, self.visual_tokens(frozen, scenes))
         return frozen.lm(None, inputs_embeds=embeds)
+
+    def lm_attention_map(self, frozen: Frozen, scenes: Scenes) -> torch.Tensor:
+        """(B, P): the share of the question word's attention (last LM layer, mean over heads) that
+        lands on each patch's visual token: what the frozen LM reads when it answers."""
+        attention = frozen.lm.layers[-1].self_attn
+        attention.keep_probs = True
+        try:
+            self.logits(frozen, scenes, vlm_ids(scenes, self.n_visual)[:, :-1])
+        finally:
+            attention.keep_probs = False
+        return attention.probs[:, :, -1, 1:1 + self.n_visual].mean(dim=1)  # position 0 is <bos>
 
 
 def projector_parameters(d_vision: int, d_model: int) -> int:
