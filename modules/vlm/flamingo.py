@@ -37,8 +37,9 @@ class FlamingoConfig(VLMConfig):
 
     @classmethod
     def full(cls):
-        # full seeds 0-4: 0.953 .. 1.0
-        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048, min_accuracy=0.86)
+        # full seeds 0-9: 0.9995 .. 1.0 with 1600 steps (with 800, one seed in ten stalled on the place words
+        # at 0.85 .. 0.86, on one CPU and not on another); the bar keeps 10 % of margin
+        return cls(encoder_steps=150, lm_steps=300, steps=1600, eval_size=2048, min_accuracy=0.9)
 
 
 def gated_cross_attention(x: torch.Tensor, visual: torch.Tensor, alpha: torch.Tensor, w_q: torch.Tensor,

@@ -100,7 +100,7 @@ class VLMConfig:
 
     @classmethod
     def full(cls):
-        return cls(encoder_steps=150, lm_steps=300, steps=800, eval_size=2048)
+        return cls(encoder_steps=150, lm_steps=300, steps=1600, eval_size=2048)
 
 
 def chance_accuracy() -> float:
