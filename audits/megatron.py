@@ -147,7 +147,7 @@ def zero_memory_per_rank_matches_formula(zero, zero_memory_per_rank):
     errors = []
     for w, z in zero.items():
         for stage, per_rank in z.memory.items():
-            want = zero_memory_per_rank(z.n_params, w, stage)
+            want = zero_memory_per_rank(z.n_params[stage], w, stage)
             errors += [abs(b - want) / want for b in per_rank]
     return errors
 
@@ -166,6 +166,23 @@ def zero_memory_is_16_bytes_per_parameter_on_one_rank(zero_memory_per_rank):
     and ZeRO-3 over N ranks holds exactly 1/N of that."""
     errors = [abs(zero_memory_per_rank(10**9, 1, s) / 16e9 - 1) for s in range(4)]
     return errors + [abs(zero_memory_per_rank(10**9, n, 3) * n / 16e9 - 1) for n in (2, 8, 64)]
+
+
+@megatron.check("== 1", hint="free a unit's gathered parameters (p.data = empty) before gathering the next one.")
+def zero3_gathers_one_unit_at_a_time(zero):
+    """A ZeRO-3 rank holds the full parameters of one unit (the embedding, a block, or norm + lm_head)
+    at a time, measured after every all-gather in forward and backward: its peak is the largest unit,
+    not Psi, which is what lets a model larger than one GPU's memory train."""
+    return [z.gathered_peak / z.largest_unit for z in zero.values()]
+
+
+@megatron.check("== 1.5", hint="the forward freed each unit's parameters, so the backward must all-gather them "
+                "again before recomputing it.")
+def zero3_traffic_is_one_and_a_half_ddp(zero):
+    """ZeRO-3 moves 3 Psi per step (all-gather in forward, all-gather again in backward, reduce-scatter of
+    the gradients) where DDP's all-reduce moves 2 Psi: the ZeRO paper's 1.5x, the price of 16 Psi / N.
+    Each stage's traffic is taken per element of its own padded buffers, so the ratio is exact."""
+    return [(z.traffic(3) / z.n_params[3]) / (z.traffic(0) / z.n_params[0]) for z in zero.values()]
 
 
 @megatron.check("<= max_loss_ratio", kind="outcome", hint="a ZeRO-3 rank must step with the full reduced gradient.")
@@ -265,8 +282,16 @@ def curves(ctx, cfg, zero, gpipe, one_f_one_b, tensor_parallel):
     for n, z in zero.items():
         ctx.series(f"memory/bytes_per_rank_N{n}", [z.memory[s][0] for s in range(4)], ticks=labels,
                    x_label="ZeRO stage", label=f"N = {n} ranks (measured)", y_label="bytes per rank",
-                   title=f"Model-state bytes per rank, N = {n} ranks, Psi = {z.n_params:,}", smooth=False,
+                   title=f"Model-state bytes per rank, N = {n} ranks, Psi = {z.n_params[0]:,}", smooth=False,
                    key=n == w)
+    z = zero[w]
+    collectives = ["all_reduce", "reduce_scatter", "all_gather"]
+    ctx.table(f"Collectives per step, N = {w} (elements of each buffer; traffic counts an all-reduce twice)",
+              ["stage", "Psi (padded)", *collectives, "traffic / Psi", "traffic / DDP's"],
+              [[label, z.n_params[s], *[z.comm_elements[s].get(c, 0) for c in collectives],
+                z.traffic(s) / z.n_params[s], (z.traffic(s) / z.n_params[s]) / (z.traffic(0) / z.n_params[0])]
+               for s, label in enumerate(labels)])
+    ctx.scalar(f"ZeRO-3 peak gathered parameters (N={w}, Psi = {z.n_params[3]:,})", z.gathered_peak)
     ctx.scalar("TP max logit error", max(r.logit_error for r in tensor_parallel.values()))
     presets = [S.preset(name) for name in S.PRESETS]
     ctx.table("llmaudit calc: presets (training FLOPs at T = 4096; KV cache bf16)",

@@ -3,6 +3,7 @@ arithmetic against published counts and against the transformer module, `llmaudi
 kernel reaching the forked ranks under `llmaudit check`, and a mutant per check."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -275,6 +276,28 @@ def _zero1_unsharded(n_params, world_size, stage, k_optimizer=12):
 
 _breakdown = S.params_breakdown
 _stage_forward = MM._stage_forward
+_gather_unit, _free_unit = MM._gather_unit, MM._free_unit
+
+
+def _kept_for_backward(unit):
+    """Free a ZeRO-3 unit only after its backward (the forward runs under no_grad, the recompute does not)."""
+    if torch.is_grad_enabled():
+        _free_unit(unit)
+
+
+def _gather_unless_held(unit, shapes, param_shard, n, comm):
+    if next(unit.parameters()).numel() == 0:
+        _gather_unit(unit, shapes, param_shard, n, comm)
+
+
+def _all(*patches):
+    """One Mutant patch made of several."""
+    def enter():
+        stack = contextlib.ExitStack()
+        for patch in patches:
+            stack.enter_context(patch())
+        return stack
+    return enter
 
 
 def _breakdown_without_final_norm(s):
@@ -314,6 +337,12 @@ MUTANTS = [
     Mutant("zero_memory_is_16_bytes_per_parameter_on_one_rank", "ZeRO-3 divides by N + 1",
            kernels={"zero_memory_per_rank": lambda n_params, world_size, stage, k_optimizer=12:
                     M.zero_memory_per_rank(n_params, world_size + (stage == 3), stage, k_optimizer)}),
+    Mutant("zero3_gathers_one_unit_at_a_time", "the whole model as one unit",
+           patch=patched(MM, "fsdp_units", lambda model: [(model, model)])),
+    Mutant("zero3_gathers_one_unit_at_a_time", "units never freed",
+           patch=patched(MM, "_free_unit", lambda unit: None)),
+    Mutant("zero3_traffic_is_one_and_a_half_ddp", "parameters kept from forward for backward",
+           patch=_all(patched(MM, "_free_unit", _kept_for_backward), patched(MM, "_gather_unit", _gather_unless_held))),
     Mutant("zero3_training_lowers_the_loss", "lr 1e-9", overrides={"lr": "1e-9"}),
     Mutant("gpipe_gradients_match_one_process", "micro-batch losses not scaled by 1/m",
            patch=patched(MM, "_stage_forward", lambda model, stage, p, x, targets, n_micro:

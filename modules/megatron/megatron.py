@@ -7,6 +7,8 @@
                    2 all-reduces per layer forward (attention, MLP) and 2 backward.
     DP / ZeRO      model states with mixed-precision Adam: 2 (w) + 2 (g) + K = 12 (fp32 w, m, v) bytes
                    per parameter; per rank 16 Psi -> 4 Psi + 12 Psi/N -> 2 Psi + 14 Psi/N -> 16 Psi/N.
+                   ZeRO-3 all-gathers each unit's parameters in forward and again in backward, then
+                   reduce-scatters its gradient: 3 Psi per step against DDP's all-reduce of 2 Psi.
     PP             stages of consecutive layers, activations sent point to point; GPipe (all forwards,
                    then all backwards) keeps m micro-batches in flight, 1F1B at most p; both idle
                    (p - 1) / (m + p - 1) of the time with equal forward and backward costs.
@@ -15,8 +17,9 @@ Builds on: transformer (the tiny Llama's blocks, weights and kernels). Every exp
 gloo process group of forked ranks (launch.py) and is compared with one process computing the same
 thing. Deviations: float64 everywhere so sharded and unsharded results agree to round-off; the
 mixed-precision widths (2 / 2 / 12 bytes) are applied to measured element counts, not stored;
-embedding and lm_head are replicated under TP (Megatron splits the vocabulary too); ZeRO-3 gathers
-the whole model before the forward (real ZeRO-3 / FSDP gathers layer by layer).
+embedding and lm_head are replicated under TP (Megatron splits the vocabulary too); ZeRO-3 recomputes
+every unit in backward (activation checkpointing at unit boundaries) and never prefetches or overlaps
+a gather with compute.
 """
 from __future__ import annotations
 
@@ -376,7 +379,7 @@ def run_tensor_parallel(cfg: MegatronConfig, world_size: int, weights: dict, tok
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data parallelism: DDP and ZeRO-1/2/3 on a flat parameter buffer
+# Data parallelism: DDP and ZeRO-1/2 on one flat parameter buffer, ZeRO-3 on one per FSDP unit
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -410,18 +413,20 @@ def owned_slice(rank: int, n: int, padded: int) -> slice:
 
 
 def reduce_gradients(grad: torch.Tensor, n: int, stage: int, shard: slice, comm: list):
-    """Average the ranks' flat gradients: all-reduce (DDP, ZeRO-1: every rank keeps all of it) or
-    reduce-scatter (ZeRO-2/3: each rank receives only its shard). Returns (held, owned)."""
-    if stage <= 1:
+    """Average the ranks' flat gradients: all-reduce for DDP (every rank updates every parameter), a
+    reduce-scatter from ZeRO-1 on (a rank updates only its shard, so it needs only that shard's
+    average: 2 Psi of traffic with the parameters' all-gather, as DDP's all-reduce). ZeRO-1 still holds
+    its whole local gradient buffer; ZeRO-2/3 keep only the shard. Returns (held, owned)."""
+    if stage == 0:
         dist.all_reduce(grad)
         comm.append(("all_reduce", grad.numel()))
         grad /= n
-        return grad, (grad if stage == 0 else grad[shard])
+        return grad, grad
     owned = torch.empty(shard.stop - shard.start, dtype=grad.dtype)
     dist.reduce_scatter(owned, list(grad.chunk(n)))
     comm.append(("reduce_scatter", grad.numel()))
     owned /= n
-    return owned, owned
+    return (grad if stage == 1 else owned), owned
 
 
 def _ledger(held: dict[str, list[torch.Tensor]]) -> dict[str, int]:
@@ -430,11 +435,13 @@ def _ledger(held: dict[str, list[torch.Tensor]]) -> dict[str, int]:
 
 
 def _zero_rank(rank: int, n: int, cfg: MegatronConfig, weights: dict, tokens, targets, stages) -> dict:
-    return {stage: _zero_stage(rank, n, cfg, weights, tokens, targets, stage) for stage in stages}
+    return {stage: (_zero3_stage(rank, n, cfg, weights, tokens, targets) if stage == 3
+                    else _zero_stage(rank, n, cfg, weights, tokens, targets, stage)) for stage in stages}
 
 
 def _zero_stage(rank: int, n: int, cfg: MegatronConfig, weights: dict, tokens, targets, stage: int) -> dict:
-    """Train ``cfg.train_steps`` Adam steps with ZeRO ``stage`` (0 = DDP) on this rank's batch slice."""
+    """Train ``cfg.train_steps`` Adam steps with DDP (stage 0) or ZeRO-1/2 on this rank's batch slice;
+    every rank holds the whole model's parameters."""
     model = build_model(cfg, weights)
     shapes = [p.shape for p in model.parameters()]
     psi = sum(p.numel() for p in model.parameters())
@@ -444,15 +451,9 @@ def _zero_stage(rank: int, n: int, cfg: MegatronConfig, weights: dict, tokens, t
     flat[:psi] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     owned = flat if stage == 0 else flat[shard].clone()  # the fp32 master copy this rank updates
     exp_avg, exp_avg_sq = torch.zeros_like(owned), torch.zeros_like(owned)
-    param_shard = flat[shard].clone() if stage == 3 else None
     rows = slice(rank * cfg.batch_size // n, (rank + 1) * cfg.batch_size // n)
     losses, first_grad, ledger, comm = [], None, None, []
     for step in range(1, cfg.train_steps + 1):
-        if stage == 3:  # parameters live only as shards: gather them for this step
-            parts = [torch.empty_like(param_shard) for _ in range(n)]
-            dist.all_gather(parts, param_shard)
-            comm.append(("all_gather", padded))
-            _set_flat(model, torch.cat(parts), shapes)
         loss = lm_loss(model(tokens[rows]), targets[rows])
         model.zero_grad(set_to_none=True)
         loss.backward()
@@ -460,44 +461,129 @@ def _zero_stage(rank: int, n: int, cfg: MegatronConfig, weights: dict, tokens, t
         grad[:psi] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         model.zero_grad(set_to_none=True)
         grad_held, grad_owned = reduce_gradients(grad, n, stage, shard, comm)
-        grad = None  # stages 2 and 3 keep only their shard
-        if stage == 3:
-            for p in model.parameters():  # free the gathered full parameters (FSDP resizes storage to 0)
-                p.data = torch.empty(0, dtype=DTYPE)
+        grad = None  # stage 2 keeps only its shard
         if step == 1:
             first_grad = grad_held.clone()
-            # ZeRO-3 holds its shard plus whatever the module still has (nothing once freed)
-            params_held = [param_shard, *model.parameters()] if stage == 3 else [flat]
-            ledger = _ledger({"params": params_held, "grads": [grad_held], "master": [owned],
+            ledger = _ledger({"params": [flat], "grads": [grad_held], "master": [owned],
                               "exp_avg": [exp_avg], "exp_avg_sq": [exp_avg_sq]})
         adam_update(owned, grad_owned, exp_avg, exp_avg_sq, step, cfg.lr)
-        if stage in (1, 2):  # everyone needs the full updated parameters again
+        if stage > 0:  # everyone needs the full updated parameters again
             parts = [torch.empty(padded // n, dtype=DTYPE) for _ in range(n)]
             dist.all_gather(parts, owned)
             comm.append(("all_gather", padded))
             flat = torch.cat(parts)
-        if stage == 3:
-            param_shard = owned.clone()
-        if stage < 3:
-            _set_flat(model, flat, shapes)
+        _set_flat(model, flat, shapes)
         total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(total.item() / n)
-    final = flat[shard] if stage < 3 else param_shard
-    return {"psi": padded, "ledger": ledger, "first_grad": first_grad, "shard": final.clone(),
-            "losses": losses, "comm": comm}
+    return {"psi": padded, "ledger": ledger, "first_grad": first_grad, "shards": [flat[shard].clone()],
+            "sizes": [psi], "losses": losses, "comm": comm}
+
+
+def fsdp_units(model: Transformer) -> list[tuple[torch.nn.Module, Callable]]:
+    """The tiny Llama cut into FSDP units, in forward order, each (module holding its parameters, its
+    forward): the embedding (token ids -> x), each block (x -> x), the final norm + lm_head (x -> logits).
+    Their parameters, unit after unit, are the model's parameters in the model's order."""
+    blocks = [(layer, lambda x, layer=layer: layer(x, torch.arange(x.shape[1]))) for layer in model.layers]
+    head = torch.nn.ModuleList([model.norm, model.lm_head])
+    return [(model.embed_tokens, model.embed_tokens), *blocks, (head, lambda x: model.lm_head(model.norm(x)))]
+
+
+def _gather_unit(unit: torch.nn.Module, shapes: list[torch.Size], param_shard: torch.Tensor, n: int,
+                 comm: list) -> None:
+    """All-gather a unit's parameter shards into its full parameters."""
+    parts = [torch.empty_like(param_shard) for _ in range(n)]
+    dist.all_gather(parts, param_shard)
+    comm.append(("all_gather", n * param_shard.numel()))
+    _set_flat(unit, torch.cat(parts), shapes)
+
+
+def _free_unit(unit: torch.nn.Module) -> None:
+    """Drop a unit's full parameters and gradients (FSDP resizes their storage to 0)."""
+    for p in unit.parameters():
+        p.grad = None
+        p.data = torch.empty(0, dtype=DTYPE)
+
+
+def _zero3_stage(rank: int, n: int, cfg: MegatronConfig, weights: dict, tokens, targets) -> dict:
+    """Train ``cfg.train_steps`` Adam steps with ZeRO-3 as FSDP runs it: each unit's parameters, fp32
+    master copy, Adam moments and gradient live as 1/N shards of its own flat buffer; forward and
+    backward all-gather one unit at a time and free it after use, and the backward recomputes each unit
+    from its saved input (activation checkpointing at unit boundaries)."""
+    model = build_model(cfg, weights)
+    units = fsdp_units(model)
+    shapes = [[p.shape for p in unit.parameters()] for unit, _ in units]
+    sizes = [sum(s.numel() for s in unit_shapes) for unit_shapes in shapes]
+    padded = [-(-size // n) * n for size in sizes]  # each unit's flat buffer splits into N equal shards
+    masters = []  # the fp32 master shards this rank updates, one per unit
+    for (unit, _), size, unit_padded in zip(units, sizes, padded):
+        flat = torch.zeros(unit_padded, dtype=DTYPE)
+        flat[:size] = torch.cat([p.detach().reshape(-1) for p in unit.parameters()])
+        masters.append(flat[owned_slice(rank, n, unit_padded)].clone())
+        _free_unit(unit)
+    param_shards = [m.clone() for m in masters]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(m) for m in masters], [torch.zeros_like(m) for m in masters]
+    rows = slice(rank * cfg.batch_size // n, (rank + 1) * cfg.batch_size // n)
+    losses, ledger, comm, peak = [], None, [], 0
+
+    def gather(u: int) -> int:
+        _gather_unit(units[u][0], shapes[u], param_shards[u], n, comm)
+        return sum(p.numel() for p in model.parameters())  # every full parameter this rank holds now
+
+    for step in range(1, cfg.train_steps + 1):
+        inputs, x = [], tokens[rows]
+        with torch.no_grad():  # no graph: only each unit's input is kept, for the backward to recompute
+            for u, (unit, forward) in enumerate(units):
+                peak = max(peak, gather(u))
+                inputs.append(x)
+                x = forward(x)
+                _free_unit(unit)
+        loss = lm_loss(x, targets[rows])
+        grad_shards = [None] * len(units)
+        for u in reversed(range(len(units))):  # the parameters were freed: gather them again
+            unit, forward = units[u]
+            peak = max(peak, gather(u))
+            x = inputs[u].requires_grad_() if u > 0 else inputs[u]  # token ids take no gradient
+            out = forward(x)
+            if u == len(units) - 1:
+                lm_loss(out, targets[rows]).backward()
+            else:  # = out.backward(upstream), whose grad_tensors path imports sympy (0.3 s per forked rank)
+                (out * upstream).sum().backward()
+            upstream = x.grad
+            grad = torch.zeros(padded[u], dtype=DTYPE)
+            grad[:sizes[u]] = torch.cat([p.grad.reshape(-1) for p in unit.parameters()])
+            _, grad_shards[u] = reduce_gradients(grad, n, 3, owned_slice(rank, n, padded[u]), comm)
+            _free_unit(unit)
+        if step == 1:  # ZeRO-3 holds its shards plus whatever the modules still have (nothing once freed)
+            ledger = _ledger({"params": [*param_shards, *model.parameters()], "grads": grad_shards,
+                              "master": masters, "exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs})
+        for master, grad, exp_avg, exp_avg_sq in zip(masters, grad_shards, exp_avgs, exp_avg_sqs):
+            adam_update(master, grad, exp_avg, exp_avg_sq, step, cfg.lr)
+        param_shards = [m.clone() for m in masters]
+        total = loss.clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / n)
+    return {"psi": sum(padded), "ledger": ledger, "shards": param_shards, "sizes": sizes, "losses": losses,
+            "comm": comm, "gathered_peak": peak}
 
 
 @dataclass
 class ZeroResult:
     world_size: int
-    n_params: int  # Psi of the flat buffer (padded to a multiple of N)
+    n_params: dict[int, int]  # stage -> Psi of its flat buffers (each padded to a multiple of N)
     memory: dict[int, list[float]]  # stage -> measured bytes per rank
     ddp_grad_error: float  # DDP's averaged gradient vs the full batch's, step 1
     ddp_vs_single_error: float  # DDP's parameters after training vs textbook Adam in one process
     zero_vs_ddp_error: dict[int, float]  # stage -> max |params - DDP's|
     losses: dict[int, list[float]]
     comm_elements: dict[int, dict[str, int]]  # stage -> collective -> elements per step
+    gathered_peak: int  # ZeRO-3: the most full parameter elements a rank held at once (measured)
+    largest_unit: int  # parameters of the largest FSDP unit: the embedding, a block, or norm + lm_head
+
+    def traffic(self, stage: int) -> int:
+        """Elements a rank communicates per step, an all-reduce counted as reduce-scatter + all-gather
+        (2 Psi), as the ZeRO paper counts it."""
+        return sum(2 * e if kind == "all_reduce" else e for kind, e in self.comm_elements[stage].items())
 
 
 def run_zero(cfg: MegatronConfig, world_size: int, weights: dict, tokens, targets,
@@ -516,10 +602,15 @@ def run_zero(cfg: MegatronConfig, world_size: int, weights: dict, tokens, target
             for p, (m, v) in zip(params, moments):
                 textbook_adam_step(p, p.grad, m, v, step, cfg.lr)
     ref_final = torch.cat([p.detach().reshape(-1) for p in params])
+    # counted from the model, not from the units the ranks used, so that a coarser wrapping cannot pass
+    units = [[model.embed_tokens], *[[layer] for layer in model.layers], [model.norm, model.lm_head]]
+    largest_unit = max(sum(p.numel() for m in unit for p in m.parameters()) for unit in units)
     ranks = run_world(world_size, _zero_rank, cfg, weights, tokens, targets, stages,
                       timeout_s=cfg.world_timeout_s, collective_timeout_s=cfg.collective_timeout_s)
     out = {stage: [r[stage] for r in ranks] for stage in stages}
-    finals = {s: torch.cat([r["shard"] for r in ranks])[:psi] for s, ranks in out.items()}
+    # each unit's shards side by side, its padding cut off, units in order: the model's parameters
+    finals = {s: torch.cat([torch.cat([r["shards"][u] for r in ranks])[:size]
+                            for u, size in enumerate(ranks[0]["sizes"])]) for s, ranks in out.items()}
     ddp = out[0][0]
     per_step = {}
     for s, ranks in out.items():
@@ -528,13 +619,14 @@ def run_zero(cfg: MegatronConfig, world_size: int, weights: dict, tokens, target
             counts[kind] = counts.get(kind, 0) + elements
         per_step[s] = {k: v // cfg.train_steps for k, v in counts.items()}
     return ZeroResult(
-        world_size, ddp["psi"],
+        world_size, {s: ranks[0]["psi"] for s, ranks in out.items()},
         {s: [float(sum(r["ledger"].values())) for r in ranks]
          for s, ranks in out.items()},
         (ddp["first_grad"][:psi] - ref_grad).abs().max().item(),
         (finals[0] - ref_final).abs().max().item(),
         {s: (finals[s] - finals[0]).abs().max().item() for s in out if s != 0},
-        {s: ranks[0]["losses"] for s, ranks in out.items()}, per_step)
+        {s: ranks[0]["losses"] for s, ranks in out.items()}, per_step,
+        max((r["gathered_peak"] for r in out.get(3, [])), default=0), largest_unit)
 
 
 # ---------------------------------------------------------------------------------------------------
