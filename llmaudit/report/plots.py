@@ -370,7 +370,7 @@ def _heatmap(fig: Any, ax: Any, columns: list[str], rows: list[list[Any]]) -> No
 
 
 def table_png(name: str, table: dict[str, Any], *, dpi: int = 110) -> bytes:
-    """A table recorded with ``draw`` ("gantt" or "heatmap", see AuditContext.table) as PNG bytes."""
+    """A table recorded with ``draw`` ("gantt" or "heatmap", see Context.table) as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
