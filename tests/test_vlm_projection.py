@@ -67,7 +67,7 @@ MUTANTS = [
     Mutant("visual_tokens_are_masked_from_the_loss", "<image> positions supervised", overrides={"steps": "1"},
            patch=patched(T, "vlm_labels", labels_without_image_mask)),
     Mutant("text_only_baseline_is_near_chance", "skewed data, bare questions with true answers",
-           overrides={"steps": "1"}, patch=lambda: fresh_pretraining(*SKEWED_DATA)),
+           overrides={"steps": "1", "caption_fraction": "0.5"}, patch=lambda: fresh_pretraining(*SKEWED_DATA)),
     *shared_mutants("only_the_projector_trains"),
 ]
 
