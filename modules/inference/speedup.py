@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.inference.speculative import expected_tokens_per_call, speculative_generate_cached
+from modules.inference.speculative import expected_tokens_per_call, rewind_cache, speculative_generate_cached
 from modules.training import markov_chain, sample_markov, supervised_warm_up
 from modules.transformer import KVCache, ModelConfig, Transformer, generate
 
@@ -89,7 +89,7 @@ def call_seconds(model: Transformer, n_tokens: int, context: int, repeats: int =
     model(torch.zeros(1, context, dtype=torch.long), cache)
     x, times = torch.zeros(1, n_tokens, dtype=torch.long), []
     for _ in range(repeats):
-        cache.length = context
+        rewind_cache(cache, context)
         start = time.perf_counter()
         model(x, cache)
         times.append(time.perf_counter() - start)
@@ -119,7 +119,8 @@ def time_speculation(pair: SpeedPair, cfg: SpeedConfig, generator: torch.Generat
     kwargs = {} if accept_fn is None else {"accept_fn": accept_fn}
     prompts = sample_markov(*pair.chain, cfg.n_prompts, cfg.prompt_len, generator)
     context = cfg.prompt_len + cfg.n_new // 2
-    c = call_seconds(pair.draft, 1, context) / call_seconds(pair.target, 1, context)
+    target_one = call_seconds(pair.target, 1, context)  # the unit every ratio below is taken against
+    c = call_seconds(pair.draft, 1, context) / target_one
     rows = []
     for gamma in cfg.gammas:
         plain, spec, accepted = [], [], []
@@ -138,7 +139,7 @@ def time_speculation(pair: SpeedPair, cfg: SpeedConfig, generator: torch.Generat
             accepted += [n for _, n in runs]
         n = torch.cat(accepted)
         alpha = n.sum().item() / torch.where(n < gamma, n + 1, n).sum().item()
-        verify = call_seconds(pair.target, gamma + 1, context) / call_seconds(pair.target, 1, context)
+        verify = call_seconds(pair.target, gamma + 1, context) / target_one
         rows.append(SpeedRow(gamma, alpha, (n + 1).double().mean().item(), statistics.median(plain),
                              statistics.median(spec), c, verify, predicted_speedup(alpha, gamma, c)))
     return rows
