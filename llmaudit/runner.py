@@ -214,13 +214,16 @@ def resolve_seeds(mode: str, seed: int = 0, n_seeds: int | None = None) -> list[
 def run_audit(module: str | AuditSpec, *, mode: str = "toy", seeds: list[int] | None = None,
               overrides: dict[str, str] | None = None, kernels: dict[str, Callable] | None = None,
               kernel_sources: dict[str, str] | None = None,
-              progress: Callable[[float], None] | None = None, only: list[str] | None = None) -> RunRecord:
+              progress: Callable[[float], None] | None = None, only: list[str] | None = None,
+              jobs: int = 1) -> RunRecord:
     """Run one module's audit over ``seeds`` and return its run record (not yet saved).
 
     ``overrides`` are raw ``--set`` strings, validated against the config (ConfigError on a bad one).
     ``kernels`` replaces reference kernels by name (``kernel_sources`` says where they came from).
     ``progress`` receives the overall fraction done, 0..1. ``only`` runs just the named checks (and
-    the fixtures they need).
+    the fixtures they need). ``jobs > 1`` runs the seeds in that many worker processes (each seed is
+    seeded on its own, so its result is the one a single process gives); user kernels always run
+    here, one seed after another.
     """
     spec = module if isinstance(module, AuditSpec) else get_audit(module)
     if only is not None:
@@ -231,17 +234,20 @@ def run_audit(module: str | AuditSpec, *, mode: str = "toy", seeds: list[int] | 
     config = apply_overrides(spec.make_config(mode), overrides or {})
     configure_torch()
     created = now_utc()
-    results, per_seed = [], []
-    for i, seed in enumerate(seeds):
-        def seed_progress(frac: float, i: int = i) -> None:
-            if progress is not None:
-                progress((i + frac) / len(seeds))
+    jobs = min(jobs, len(seeds))
+    if jobs > 1 and not kernels and _registered(spec):
+        runs = _seeds_in_workers(spec.name, mode, seeds, overrides or {}, only, jobs, progress)
+    else:
+        runs = []
+        for i, seed in enumerate(seeds):
+            def seed_progress(frac: float, i: int = i) -> None:
+                if progress is not None:
+                    progress((i + frac) / len(seeds))
 
-        result, elapsed = run_seed(spec, seed=seed, mode=mode, config=config, kernels=kernels,
-                                   progress=seed_progress, only=only)
-        results.append(result)
-        per_seed.append(round(elapsed, 3))
-        seed_progress(1.0)
+            runs.append(run_seed(spec, seed=seed, mode=mode, config=config, kernels=kernels,
+                                 progress=seed_progress, only=only))
+            seed_progress(1.0)
+    results, per_seed = [r for r, _ in runs], [round(elapsed, 3) for _, elapsed in runs]
     sources = {k.name: "reference" for k in spec.kernels}
     sources.update(kernel_sources or {name: "user" for name in (kernels or {})})
     return RunRecord(module=spec.name, title=spec.title, day=spec.day, mode=mode, seeds=list(seeds),
@@ -250,3 +256,78 @@ def run_audit(module: str | AuditSpec, *, mode: str = "toy", seeds: list[int] | 
                      timing={"created": created, "elapsed_s": round(sum(per_seed), 3),
                              "per_seed_s": per_seed,
                              "per_seed_cpu_s": [round(r.cpu_s, 3) for r in results]})
+
+
+def _registered(spec: AuditSpec) -> bool:
+    """Whether a worker process can look ``spec`` up by name and get the same audit."""
+    try:
+        return get_audit(spec.name) is spec
+    except UnknownName:
+        return False
+
+
+# ---- seeds in worker processes ---------------------------------------------------------------------
+
+_PROGRESS_QUEUE: Any = None  # in a worker: where it reports (seed index, fraction done)
+
+
+def _init_seed_worker(queue: Any) -> None:
+    """Worker processes ignore Ctrl-C (the parent catches it once and stops them) and report progress."""
+    import signal
+
+    global _PROGRESS_QUEUE
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_torch()
+    _PROGRESS_QUEUE = queue
+
+
+def _seed_in_worker(module: str, mode: str, seed: int, index: int, overrides: dict[str, str],
+                    only: list[str] | None) -> tuple[dict[str, Any], float, float]:
+    spec = get_audit(module)
+    config = apply_overrides(spec.make_config(mode), overrides)
+    sent = [0.0]
+
+    def report(frac: float) -> None:
+        if frac - sent[0] >= 0.005:  # a few hundred messages per seed at most
+            sent[0] = frac
+            _PROGRESS_QUEUE.put((index, frac))
+
+    result, elapsed = run_seed(spec, seed=seed, mode=mode, config=config, progress=report, only=only)
+    return result.to_dict(), result.cpu_s, elapsed  # type: ignore[attr-defined]
+
+
+def _seeds_in_workers(module: str, mode: str, seeds: list[int], overrides: dict[str, str],
+                      only: list[str] | None, jobs: int,
+                      progress: Callable[[float], None] | None) -> list[tuple[AuditResult, float]]:
+    import multiprocessing as mp
+    import queue as queue_module
+
+    context = mp.get_context("spawn")
+    messages = context.Queue()
+    done = [0.0] * len(seeds)
+    pool = context.Pool(jobs, initializer=_init_seed_worker, initargs=(messages,))
+    try:
+        pending = [pool.apply_async(_seed_in_worker, (module, mode, seed, i, overrides, only))
+                   for i, seed in enumerate(seeds)]
+        while not all(p.ready() for p in pending):
+            try:
+                index, frac = messages.get(timeout=0.1)
+                done[index] = max(done[index], frac)
+            except queue_module.Empty:
+                pass
+            for i, p in enumerate(pending):
+                if p.ready():
+                    done[i] = 1.0
+            if progress is not None:
+                progress(sum(done) / len(seeds))
+        runs = []
+        for p in pending:
+            as_dict, cpu_s, elapsed = p.get()  # re-raises what a worker raised (a broken audit file, say)
+            result = AuditResult.from_dict(as_dict)
+            result.cpu_s = cpu_s  # type: ignore[attr-defined]
+            runs.append((result, elapsed))
+        pool.close()
+        return runs
+    finally:
+        pool.terminate()  # no-op after close(); on Ctrl-C or an error it stops the workers at once
+        pool.join()

@@ -109,6 +109,27 @@ def test_record_round_trip_and_determinism(tmp_path):
     assert a.save(tmp_path / "runs") != path  # never overwrites
 
 
+def test_seeds_in_worker_processes_give_what_one_process_gives():
+    seen = []
+    serial = run_audit("gae", mode="toy", seeds=[3, 4, 5])
+    parallel = run_audit("gae", mode="toy", seeds=[3, 4, 5], jobs=2, progress=seen.append)
+    same = lambda r: [x.deterministic_dict() for x in r.results]  # noqa: E731
+    assert same(parallel) == same(serial) and parallel.seeds == [3, 4, 5]
+    assert len(parallel.timing["per_seed_cpu_s"]) == 3 and all(t > 0 for t in parallel.timing["per_seed_cpu_s"])
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)  # the bar only moves forward, and ends full
+
+
+def test_user_kernels_never_leave_the_process():
+    calls = []
+
+    def spy(*args, **kwargs):  # a closure: it could not even be sent to a worker
+        calls.append(1)
+        return get_kernel("compute_gae").fn(*args, **kwargs)
+
+    rec = run_audit("gae", mode="toy", seeds=[0, 1], kernels={"compute_gae": spy}, jobs=2)
+    assert calls and rec.passed
+
+
 def test_broken_records_are_reported_not_fatal(tmp_path):
     good = run_audit("mdp", mode="toy").save(tmp_path / "runs")
     (good.parent / "zz-corrupt.json").write_text("{not json")
