@@ -173,10 +173,24 @@ def test_pretrain_stream_has_no_special_tokens_unless_asked(tok):
     assert tok.token_id(IM_END) in set(chatty.tolist())
 
 
-def test_stream_batch_targets_are_inputs_moved_by_one():
-    stream = torch.arange(100)
-    x, y = M.stream_batch(stream, 4, 10, torch.Generator().manual_seed(0))
+def test_line_starts_are_where_lines_begin(tok):
+    facts = M.arithmetic_facts("+-")
+    stream = M.pretrain_stream(facts, tok, 300, 0.2, 0.3, "calculator", True, torch.Generator().manual_seed(1))
+    starts = M.line_starts(stream, tok)
+    assert starts[0] == 0 and bool((starts[1:] > starts[:-1]).all())
+    assert all(tok.decode(stream[:int(p)].tolist()).endswith("\n") for p in starts[1:])
+    # every line start is found: one per newline in the text (a final newline starts no line)
+    text = tok.decode(stream.tolist())
+    assert len(starts) == text.count("\n") + (not text.endswith("\n"))
+    # chat transcripts are cut into lines too: a row can start at the user's turn
+    assert any(tok.decode(stream[int(p):int(p) + 2].tolist()).startswith(f"{IM_START}user") for p in starts)
+
+
+def test_stream_batch_rows_begin_at_a_line_and_targets_are_inputs_moved_by_one():
+    stream, starts = torch.arange(100), torch.tensor([0, 7, 30, 55, 88, 95])
+    x, y = M.stream_batch(stream, starts, 64, 10, torch.Generator().manual_seed(0))
     assert torch.equal(y, x + 1)
+    assert set(x[:, 0].tolist()) == {0, 7, 30, 55, 88}  # 95 leaves no room for 11 tokens
 
 
 @settings(max_examples=30, deadline=None)

@@ -35,7 +35,7 @@ __all__ = [
     "sft_loss", "nll_by_hand", "supervised_count",
     "arithmetic_facts", "split_facts", "fact_line", "reply_text", "chat_messages",
     "build_tokenizer", "assistant_labels", "encode_chat", "pad_batch", "chat_prompts",
-    "NOISE_WORDS", "noise_line", "pretrain_stream", "stream_batch", "SFTData", "build_data",
+    "NOISE_WORDS", "noise_line", "pretrain_stream", "line_starts", "stream_batch", "SFTData", "build_data",
     "model_config", "pretrain", "supervised_finetune",
     "greedy_replies", "chat_exact_match", "raw_exact_match", "SFTResult", "run",
 ]
@@ -80,10 +80,10 @@ class SFTConfig:
     eval_every: int = 20  # SFT steps between held-out evaluations
     grad_check_batch: int = 8  # conversations in the masked-gradient check
     # outcome bars from `llmaudit sweep sft` (toy seeds 0-19, full seeds 0-4), each below the worst seed:
-    max_loss_ratio: float = 0.65  # SFT loss, mean of the last 10% of steps / the first 10%; worst toy 0.568
+    max_loss_ratio: float = 0.5  # SFT loss, mean of the last 10% of steps / the first 10%; worst toy 0.448
     max_base_format_rate: float = 0.05  # pretrained-only model emitting a well-formed reply + <|im_end|>; all 0
     min_format_rate: float = 0.9  # the same rate after SFT; all 1.0
-    min_raw_accuracy: float = 0.9  # full only: pretrained model continuing "a+b=" in raw text; all 1.0
+    min_raw_accuracy: float = 0.88  # full only: pretrained model continuing "a+b=" in raw text; worst 0.981
     min_exact_match: float = 0.8  # full only: held-out exact match after SFT (31 prompts); worst 0.903
 
     # allowed values of the numeric fields, checked before any work (a --set outside is a usage error)
@@ -114,8 +114,7 @@ class SFTConfig:
 
     @classmethod
     def full(cls) -> SFTConfig:
-        return cls(pretrain_steps=600, sft_steps=250, sft_lr=5e-3, held_out_fraction=0.2, eval_every=25,
-                   max_loss_ratio=0.5)  # worst full loss ratio 0.427
+        return cls(pretrain_steps=350, sft_steps=250, sft_lr=5e-3, held_out_fraction=0.2, eval_every=25)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,11 +292,27 @@ def pretrain_stream(facts: list, tok: Tokenizer, n_documents: int, chat_fraction
     return torch.tensor([t for d in docs for t in d])
 
 
-def stream_batch(stream: torch.Tensor, batch_size: int, seq_len: int,
+def line_starts(stream: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
+    """Sorted positions in ``stream`` where a line begins: 0 and every position after a token whose
+    text ends with a newline."""
+    ends_line = torch.tensor([i not in tok.special_ids and tok.decode([i]).endswith("\n") for i in range(tok.vocab_size)])
+    after = ends_line[stream[:-1]].nonzero().squeeze(1) + 1  # a newline at the very end starts no line
+    return torch.cat([torch.zeros(1, dtype=torch.long), after])
+
+
+def stream_batch(stream: torch.Tensor, starts: torch.Tensor, batch_size: int, seq_len: int,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) (B, seq_len): random windows of the stream and the same windows moved by one."""
-    starts = torch.randint(len(stream) - seq_len - 1, (batch_size, 1), generator=generator)
-    window = stream[starts + torch.arange(seq_len + 1)]  # (B, seq_len + 1)
+    """(inputs, targets) (B, seq_len): windows of the stream that begin where a line begins (a random
+    one of the sorted ``starts``), and the same windows moved by one.
+
+    Starting at a line, as packed pretraining rows start after an <eos>, means no row opens in the
+    middle of a fact. With random offsets 12 % of the answers in a 24-token row come without their
+    question (a target nothing can predict), and every row starts at a different phase of the line:
+    measured on this task, the base model then needs about 600 steps to learn the table where
+    rows that start at a line need 350."""
+    n_fit = int(torch.searchsorted(starts, len(stream) - seq_len))  # these leave room for seq_len + 1 tokens
+    pick = starts[torch.randint(n_fit, (batch_size, 1), generator=generator)]
+    window = stream[pick + torch.arange(seq_len + 1)]  # (B, seq_len + 1)
     return window[:, :-1], window[:, 1:]
 
 
@@ -309,6 +324,7 @@ class SFTData:
     sft_facts: list
     held_out_facts: list
     stream: torch.Tensor  # pretraining tokens
+    starts: torch.Tensor  # where each line of the pretraining stream begins (line_starts)
     sft_examples: list  # (ids, labels) per SFT conversation
     held_out_examples: list  # (ids, labels) per held-out conversation (for eval/loss)
 
@@ -324,7 +340,7 @@ class SFTData:
         pick = torch.randint(len(self.sft_examples), (batch_size - n_replay,), generator=generator).tolist()
         input_ids, labels = pad_batch([self.sft_examples[i] for i in pick], self.pad_id)
         if n_replay:
-            raw, _ = stream_batch(self.stream, n_replay, input_ids.shape[1], generator)
+            raw, _ = stream_batch(self.stream, self.starts, n_replay, input_ids.shape[1], generator)
             input_ids, labels = torch.cat([input_ids, raw]), torch.cat([labels, raw])
         return input_ids, labels
 
@@ -337,7 +353,7 @@ def build_data(cfg: SFTConfig, generator: torch.Generator) -> SFTData:
     stream = pretrain_stream(facts, tok, n_docs, cfg.pretrain_chat_fraction, cfg.pretrain_noise_fraction,
                              cfg.system_prompt, cfg.echo_question, generator)
     encode = lambda f: encode_chat(chat_messages(f, cfg.system_prompt, cfg.echo_question), tok, cfg.mask_prompt)  # noqa: E731
-    return SFTData(tok, sft_facts, held_out, stream, [encode(f) for f in sft_facts], [encode(f) for f in held_out])
+    return SFTData(tok, sft_facts, held_out, stream, line_starts(stream, tok), [encode(f) for f in sft_facts], [encode(f) for f in held_out])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +370,7 @@ def pretrain(model: Transformer, data: SFTData, cfg: SFTConfig, generator: torch
     """Next-token prediction on every token of the raw stream (no mask)."""
     optim_cfg = OptimConfig(lr=cfg.pretrain_lr, min_lr=cfg.pretrain_lr / 10, warmup_steps=cfg.warmup_steps)
     optimizer, scheduler = configure_optimizer(model, optim_cfg, cfg.pretrain_steps)
-    return train(model, lambda g: stream_batch(data.stream, cfg.pretrain_batch, cfg.pretrain_seq_len, g),
+    return train(model, lambda g: stream_batch(data.stream, data.starts, cfg.pretrain_batch, cfg.pretrain_seq_len, g),
                  optimizer, scheduler, cfg.pretrain_steps, generator=generator, grad_clip=optim_cfg.grad_clip,
                  loss_fn=lm_nll, on_step=on_step)
 
