@@ -220,7 +220,8 @@ def tokenizer_train_s(opts: Options) -> tuple[float, str]:
 
 
 def audit_sft_full_s(opts: Options) -> tuple[float, str]:
-    """`llmaudit audit sft` in full mode (3 seeds), report pages included."""
+    """`llmaudit audit sft` in full mode (3 seeds, run side by side as `audit` does by default), report
+    pages included."""
     seconds, detail, done = _median_wall_and_output(
         [_llmaudit(), "audit", "sft", "--out", str(opts.tmp / "reports"), "--json"], opts, ok=(0, 1))
     verdict = "passes" if done.returncode == 0 else "FAILS a check"
