@@ -271,13 +271,19 @@ def _registered(spec: AuditSpec) -> bool:
 _PROGRESS_QUEUE: Any = None  # in a worker: where it reports (seed index, fraction done)
 
 
-def _init_seed_worker(queue: Any) -> None:
-    """Worker processes ignore Ctrl-C (the parent catches it once and stops them) and report progress."""
+def init_worker() -> None:
+    """A worker process ignores Ctrl-C (the parent catches it once and stops the workers) and runs
+    torch as the parent does."""
     import signal
 
-    global _PROGRESS_QUEUE
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_torch()
+
+
+def _init_seed_worker(queue: Any) -> None:
+    """init_worker, and where this worker reports its progress."""
+    global _PROGRESS_QUEUE
+    init_worker()
     _PROGRESS_QUEUE = queue
 
 

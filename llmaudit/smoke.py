@@ -10,16 +10,6 @@ from llmaudit.audit import AuditSpec
 from llmaudit.record import RunRecord
 
 
-def _init_worker() -> None:
-    """Worker processes ignore Ctrl-C: the parent catches it once and terminates them."""
-    import signal
-
-    from llmaudit.runner import configure_torch
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_torch()
-
-
 def _run_and_save(module: str, out_dir: str) -> tuple[str, str | dict[str, str]]:
     """In a worker: one module's toy audit, saved and rendered; ``(module, paths written)``, or
     ``(module, why)`` when its audit file does not import."""
@@ -68,7 +58,9 @@ def _parallel(names, out_dir, jobs, progress, broken):
     import functools
     import multiprocessing as mp
 
-    pool = mp.get_context("spawn").Pool(jobs, initializer=_init_worker)
+    from llmaudit.runner import init_worker
+
+    pool = mp.get_context("spawn").Pool(jobs, initializer=init_worker)
     try:
         work = functools.partial(_run_and_save, out_dir=str(out_dir))
         for done, (module, paths) in enumerate(pool.imap_unordered(work, names), 1):
