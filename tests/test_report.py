@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmaudit.report.plots import ema
+from llmaudit.report.plots import ema, smooth
 from llmaudit.report.render import render_index, render_smoke, save_and_render
 from llmaudit.runner import run_audit
 
@@ -65,6 +65,19 @@ def test_ema_stays_within_the_range_of_the_data(values, weight):
     assert len(smoothed) == len(values)
     assert all(min(values) - 1e-6 <= v <= max(values) + 1e-6 for v in smoothed)
     assert ema([3.0] * len(values), weight) == pytest.approx([3.0] * len(values))
+    both_ways = smooth(values, weight)
+    assert len(both_ways) == len(values)
+    assert all(min(values) - 1e-6 <= v <= max(values) + 1e-6 for v in both_ways)
+
+
+def test_smoothed_line_does_not_lag_behind_a_trend():
+    """A falling loss: the forward EMA trails it (drawn above the raw points by about one memory of
+    slope), the forward-backward line sits on it away from the ends."""
+    ramp = [10.0 - 0.1 * t for t in range(400)]
+    weight = 0.9  # 10 points of memory
+    middle = slice(100, 300)
+    assert min(e - r for e, r in zip(ema(ramp, weight)[middle], ramp[middle])) > 0.8  # lags by ~9 points of slope
+    assert max(abs(s - r) for s, r in zip(smooth(ramp, weight)[middle], ramp[middle])) < 1e-3  # edges fade as 0.9^100
 
 
 def test_tables_round_trip_and_render(tmp_path):

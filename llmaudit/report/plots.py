@@ -1,4 +1,5 @@
-"""Plots for reports: every series drawn raw (thin) with a debiased EMA on top.
+"""Plots for reports: every series drawn raw (thin) with a smoothed line on top (a debiased EMA run
+forward and then backward, so the line does not lag behind a falling loss).
 
 A plot is one plot key (a series' group, or its name) over every seed of a run. Its title and legend
 are in words (a series' ``label``), its y axes carry units (``y_label``), and the metric names are
@@ -32,9 +33,20 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def smooth(values: list[float], weight: float) -> list[float]:
+    """The debiased EMA run forward, then backward over its own output: zero lag (as scipy's filtfilt).
+
+    A forward EMA with n points of memory trails a trend by about n points, so a falling loss is drawn
+    above its raw points for the whole descent. The backward pass leads by as much, and the two cancel:
+    a straight line comes back unchanged away from the ends. A report draws the whole run at once, so
+    the future points it reads are there."""
+    return ema(ema(values, weight)[::-1], weight)[::-1]
+
+
 def smoothing_weight(n: int) -> float:
-    """Heavier smoothing for longer curves: about n/10 points of memory, between 0.5 and 0.95."""
-    return min(0.95, max(0.5, 1 - 10 / max(n, 1)))
+    """Heavier smoothing for longer curves: about n/25 points of memory each way, between 0.5 and 0.95
+    (2 to 20 points). Run forward and back, that averages over about twice as many points."""
+    return min(0.95, max(0.5, 1 - 25 / max(n, 1)))
 
 
 def slug(name: str) -> str:
@@ -131,7 +143,7 @@ class _Curve:
 
 def _line_of(s: Series) -> tuple[list[float] | None, list[float]]:
     if s.smooth and len(s.y) >= 5:
-        return s.y, ema(s.y, smoothing_weight(len(s.y)))
+        return s.y, smooth(s.y, smoothing_weight(len(s.y)))
     return None, s.y
 
 
@@ -267,7 +279,7 @@ def plot_figure(key: str, runs: list[Run]):
     axes[0].set_title(title, fontsize=10.5, loc="left")
     notes = []
     if smoothed:
-        notes.append("thin: raw · bold: EMA")
+        notes.append("thin: raw · bold: smoothed (EMA forward and back, no lag)")
     if len(runs) > 1 and len(label) > 1:
         notes.append(f"line: mean over {len(runs)} seeds · band: min to max")
     if len(runs) > 1 and first[0].ticks:
