@@ -297,11 +297,14 @@ def audit(
         apply_overrides(spec.make_config(mode), overrides)  # a bad value fails before any work
         seed_list = resolve_seeds(mode, seed, seeds)
         writable_dir(out_dir)
+        jobs = min(jobs or 2 * (os.cpu_count() or 1), len(seed_list))
         with progress_bar(json_mode) as bar:
-            task = bar.add_task(f"{spec.name} ({mode}, {len(seed_list)} seed{'s' * (len(seed_list) > 1)})", total=1.0)
+            name = f"{spec.name} ({mode}, {len(seed_list)} seed{'s' * (len(seed_list) > 1)})"
+            # worker processes spend their first seconds importing torch: say so while the bar is at 0
+            task = bar.add_task(name + (f" · starting {jobs} processes" if jobs > 1 else ""), total=1.0)
             rec = run_audit(spec, mode=mode, seeds=seed_list, overrides=overrides, only=only or None,
-                            progress=lambda f: bar.update(task, completed=f),
-                            jobs=jobs or min(len(seed_list), 2 * (os.cpu_count() or 1)))
+                            progress=lambda f: bar.update(task, completed=f, description=name if f > 0 else None),
+                            jobs=jobs)
         paths = _render_all([rec], out_dir)[spec.name]
     if json_mode:
         emit_json("llmaudit.audit/v1", record_payload(rec) | {"files": {k: str(v) for k, v in paths.items()}})
