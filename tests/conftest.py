@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 from unittest import mock
 
@@ -116,3 +119,25 @@ def mutant_params(mutants: list[Mutant]) -> Any:
 @pytest.fixture
 def run_module():
     return audit_once
+
+
+# ------------------------------------------------------------------ folders nobody may write in
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """A folder nobody may create files in, root included: ``chattr +i`` for root (chmod does not stop
+    root), chmod 0o555 otherwise. Skips where neither is possible."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("running as root without chattr +i: cannot make a folder read-only")
+        try:
+            yield path
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)

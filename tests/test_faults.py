@@ -2,10 +2,8 @@
 nothing the user already had is lost (issue 11)."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,6 +13,7 @@ from typer.testing import CliRunner
 
 import llmaudit.runner
 from llmaudit.cli import app
+from conftest import read_only_folder
 
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1", "_TYPER_FORCE_DISABLE_TERMINAL": "1"})
 
@@ -31,26 +30,6 @@ def assert_clean_error(result, code: int, *texts: str) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     for text in texts:
         assert text in " ".join(output.split()), (text, output)
-
-
-@contextlib.contextmanager
-def read_only_folder(path: Path):
-    """A folder nobody may create files in, root included: ``chattr +i`` for root (chmod does not stop
-    root), chmod 0o555 otherwise. Skips where neither is possible."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-            pytest.skip("running as root without chattr +i: cannot make a folder read-only")
-        try:
-            yield path
-        finally:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-    else:
-        path.chmod(0o555)
-        try:
-            yield path
-        finally:
-            path.chmod(0o755)
 
 
 def no_work(monkeypatch):
