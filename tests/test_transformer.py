@@ -3,6 +3,8 @@ one mutant per check."""
 from __future__ import annotations
 
 import math
+import platform
+import sys
 
 import pytest
 import torch
@@ -622,3 +624,10 @@ def test_kv_cache_speedup_reports_medians_and_the_same_tokens():
     r = M.kv_cache_speedup(model, torch.randint(0, 32, (1, 4)), 12, repeats=3)
     assert r["same_tokens"] and r["seconds_cached"] > 0 and r["seconds_full"] > 0
     assert r["speedup"] == pytest.approx(r["seconds_full"] / r["seconds_cached"]) and r["flop_ratio"] > 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_steady_malloc_pins_glibc_and_the_speedup_says_so():
+    assert M.steady_malloc() == "malloc pinned"
+    r = M.kv_cache_speedup(_model(), torch.randint(0, 32, (1, 4)), 4)
+    assert r["allocator"] == "malloc pinned"

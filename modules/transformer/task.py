@@ -24,7 +24,8 @@ from modules.transformer.sampling import generate
 from modules.transformer.transformer import ModelConfig, Transformer, apply_rope, forward_flops, rms_norm
 
 __all__ = ["TransformerConfig", "reverse_task_batch", "task_model_config", "train_reverse_task",
-           "reverse_exact_match", "ReverseTaskResult", "run", "KV_CACHE_SPEEDUP_GOAL", "kv_cache_speedup"]
+           "reverse_exact_match", "ReverseTaskResult", "run", "KV_CACHE_SPEEDUP_GOAL", "kv_cache_speedup",
+           "steady_malloc"]
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,38 @@ def run(cfg: TransformerConfig, generator: torch.Generator, *, rms_norm: Callabl
     return ReverseTaskResult(model, history, exact, token_acc)
 
 
+def steady_malloc() -> str:
+    """Make glibc's malloc serve large blocks from the heap in every process (a fixed mmap threshold of
+    64 MiB, no trimming below 256 MiB) and say in a few words what was done. Call it before timing.
+
+    By default glibc moves its mmap threshold as the program runs, so whether a block of a few
+    hundred KB is mmap-ed, its pages faulted in anew at every allocation, depends on what the process
+    freed before. Recomputation allocates T x T score tensors that grow every step. On one 2-core
+    machine the same recomputation took 0.42 s in some processes and 0.55-0.62 s in others, with
+    twice the page faults, so the KV-cache speed-up read anywhere from 3.8x to 5.5x. Pinned, it took
+    0.42 s in every process. PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for the same
+    reason; mallopt is enough here. Where malloc is not glibc's, nothing is changed."""
+    import ctypes
+    import ctypes.util
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        pinned = libc.mallopt(M_MMAP_THRESHOLD, 64 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20) == 1
+    except (OSError, AttributeError, TypeError):
+        pinned = False
+    return "malloc pinned" if pinned else "default allocator (not glibc)"
+
+
 KV_CACHE_SPEEDUP_GOAL = (256, 5.0)  # (new tokens, speed-up): the cache must beat recomputation 5x at 256 tokens
 
 
 def kv_cache_speedup(model: Transformer, prompt: torch.Tensor, n_new: int, repeats: int = 1) -> dict:
     """Greedy generation of ``n_new`` tokens with and without the KV cache, ``repeats`` times each
     (interleaved, so a burst of load hits both alike): the median wall-clock seconds of each, their
-    ratio, the FLOP ratio of the two (exact, from forward_flops) and whether they gave the same tokens."""
+    ratio, the FLOP ratio of the two (exact, from forward_flops) and whether they gave the same tokens.
+    The allocator is made steady first (steady_malloc; "allocator" says whether it could be)."""
+    allocator = steady_malloc()
     seconds: dict[bool, list[float]] = {True: [], False: []}
     tokens = {}
     for _ in range(repeats):
@@ -157,4 +183,5 @@ def kv_cache_speedup(model: Transformer, prompt: torch.Tensor, n_new: int, repea
     flops_cached = forward_flops(mc, P, B) + sum(forward_flops(mc, 1, B, cached=P + t) for t in range(n_new - 1))
     flops_full = sum(forward_flops(mc, P + t, B) for t in range(n_new))
     return {"seconds_cached": cached, "seconds_full": full, "speedup": full / cached,
-            "flop_ratio": flops_full / flops_cached, "same_tokens": bool(torch.equal(tokens[True], tokens[False]))}
+            "flop_ratio": flops_full / flops_cached, "same_tokens": bool(torch.equal(tokens[True], tokens[False])),
+            "allocator": allocator}
