@@ -433,7 +433,9 @@ def headline(ctx, cfg, reversal, g):
     speed = M.kv_cache_speedup(reversal.model, prompt, cfg.speed_new_tokens, cfg.speed_repeats)
     n, (goal_tokens, goal) = cfg.speed_new_tokens, M.KV_CACHE_SPEEDUP_GOAL
     ctx.scalar(f"kv_cache_speedup_wallclock_{n}_tokens", round(speed["speedup"], 2), timed=True)
-    ctx.scalar(f"kv_cache_speedup_goal_{goal_tokens}_tokens", f">= {goal:g}x (median of {cfg.speed_repeats} runs here)"
-               if n == goal_tokens else f">= {goal:g}x at {goal_tokens} tokens (full mode)")
+    verdict = "met" if speed["speedup"] >= goal else "missed"
+    ctx.scalar(f"kv_cache_speedup_goal_{goal_tokens}_tokens",
+               f">= {goal:g}x: {verdict} here (median of {cfg.speed_repeats} runs)" if n == goal_tokens
+               else f">= {goal:g}x at {goal_tokens} tokens (full mode)", timed=n == goal_tokens)
     ctx.scalar(f"kv_cache_flop_ratio_{n}_tokens", speed["flop_ratio"])
     ctx.scalar("kv_cache_same_tokens", speed["same_tokens"])

@@ -39,6 +39,9 @@ def test_html_is_self_contained_with_inline_plots(rendered):
     assert html.count("<svg") >= len(rec.formulas)
     assert not re.search(r'(src|href)="https?://', html)  # no network
     assert "PASS" in html and "seeds 0, 1" in html
+    for name in rec.results[0].scalars:  # a long key may break at its underscores, not spill out of its card
+        if "_" in name:
+            assert f'<div class="k">{name.replace("_", "_<wbr>")}</div>' in html
 
 
 def test_index_and_smoke_pages(rendered):
