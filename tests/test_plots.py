@@ -11,7 +11,7 @@ from conftest import audit_once
 
 from llmaudit.audit import AuditResult, Series
 from llmaudit.registry import all_audits
-from llmaudit.report.plots import group_runs, plot_figure, y_label_of
+from llmaudit.report.plots import FEW_POINTS, group_runs, plot_figure, y_label_of
 
 matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402
@@ -119,6 +119,27 @@ def test_different_units_get_different_axes_and_seeds_are_named():
         assert hi - lo < 4, "the gold reward's rise and fall must fill its own axis, not share the KL's 0-18"
     finally:
         plt.close(fig)
+
+
+def test_a_short_curve_is_drawn_as_measured_and_a_long_one_smoothed():
+    """Ten PPO iterations smoothed put the first rollout's KL, exactly 0, at 0.8: a short curve is drawn
+    point for point (with markers); only a long one gets a smoothed bold line over its thin raw one."""
+    def lines(n):
+        ys = [0.0] + [1.0 + (i % 3) for i in range(1, n)]
+        result = fake_result(0, [Series("objective/kl", list(range(n)), ys, label="KL to the SFT policy",
+                                        y_label="KL per answer (nats)", smooth=True)])
+        (key, runs), = group_runs([result]).items()
+        fig = plot_figure(key, runs)
+        try:
+            return ys, [(list(line.get_ydata()), line.get_marker()) for line in fig.axes[0].get_lines()]
+        finally:
+            plt.close(fig)
+
+    ys, drawn = lines(FEW_POINTS)
+    assert drawn == [(ys, "o")]
+    ys, drawn = lines(FEW_POINTS + 1)
+    (raw, _), (bold, marker) = drawn
+    assert raw == ys and bold != ys and marker in ("None", "", None)
 
 
 def test_categories_are_bars_named_in_words():

@@ -1,5 +1,6 @@
-"""Plots for reports: every series drawn raw (thin) with a smoothed line on top (a debiased EMA run
-forward and then backward, so the line does not lag behind a falling loss).
+"""Plots for reports: a series of more than FEW_POINTS points is drawn raw (thin) with a smoothed line
+on top (a debiased EMA run forward and then backward, so the line does not lag behind a falling loss);
+a shorter one is drawn as it is, a marker on every point.
 
 A plot is one plot key (a series' group, or its name) over every seed of a run. Its title and legend
 are in words (a series' ``label``), its y axes carry units (``y_label``), and the metric names are
@@ -20,6 +21,8 @@ from llmaudit.audit import Series
 
 PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"]
 NOTE = "#6b7280"
+FEW_POINTS = 30  # a curve this short is drawn as measured, with markers: smoothing ten PPO iterations moved
+# the KL of the first rollout, exactly 0, to 0.8 and shaved the peak from 4.5 to 2.6
 
 
 def ema(values: list[float], weight: float) -> list[float]:
@@ -142,7 +145,7 @@ class _Curve:
 
 
 def _line_of(s: Series) -> tuple[list[float] | None, list[float]]:
-    if s.smooth and len(s.y) >= 5:
+    if s.smooth and len(s.y) > FEW_POINTS:
         return s.y, smooth(s.y, smoothing_weight(len(s.y)))
     return None, s.y
 
@@ -154,7 +157,7 @@ def _curves(members: list[str], runs: list[Run], label: dict[str, str], names: l
     curves = []
     for name in members:
         per_seed = [(seed, s) for seed, ms in runs for s in ms if s.name == name]
-        marker = "o" if max(len(s.y) for _, s in per_seed) <= 30 else None
+        marker = "o" if max(len(s.y) for _, s in per_seed) <= FEW_POINTS else None
         color = PALETTE[names.index(name) % len(PALETTE)]
         if len(runs) == 1:
             raw, line = _line_of(per_seed[0][1])
