@@ -51,3 +51,18 @@ def test_readmes_and_robustness_page_are_generated_from_the_sweeps():
 def test_module_readmes_publish_their_results_through_sweep_spans():
     for readme in sorted((ROOT / "modules").glob("*/README.md")):
         assert SPAN.search(readme.read_text(encoding="utf-8")), f"{readme} quotes no sweep result"
+
+
+def test_the_readme_smoke_example_lists_every_module_with_its_check_count():
+    """The README shows `llmaudit smoke`'s output: one line per registered module, in the registry's
+    order, with that module's number of toy checks (it once listed 17 of 27 modules)."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = re.findall(r"^✓ (\w+)\s+(\d+)/(\d+)\s+checks", text, flags=re.M)
+    audits = all_audits()
+    assert [name for name, _, _ in lines] == [a.name for a in audits]
+    toy_checks = {a.name: sum(1 for c in a.checks if "toy" in c.modes) for a in audits}
+    assert {name: int(n) for name, _, n in lines} == toy_checks
+    n = len(audits)
+    assert re.search(rf"^{n}/{n} modules pass in ", text, flags=re.M)

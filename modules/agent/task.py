@@ -165,9 +165,11 @@ class Problem:
 
 
 def draw_problems(n: int, table: KnowledgeTable, generator: torch.Generator) -> list[Problem]:
-    """A third each: arithmetic word problems ("17 times 3 plus 25"), lookups ("weight of plum") and a
-    lookup followed by arithmetic. Operands have fixed widths (two digits, one, two) and every
-    arithmetic result has three digits, so each kind of trajectory has one token layout."""
+    """The three kinds drawn with equal chance: arithmetic word problems ("17 times 3 plus 25"), lookups
+    ("weight of plum") and a lookup followed by arithmetic; an arithmetic kind is drawn again unless its
+    result has three digits, so about 46% are lookups and 27% each the other two. Operands have fixed
+    widths (two digits, one, two) and every arithmetic result has three digits, so each kind of
+    trajectory has one token layout."""
     entities = list(table.facts)
     problems = []
     while len(problems) < n:

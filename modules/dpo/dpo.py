@@ -11,9 +11,10 @@
 
 The toy task: the prompt is ``<bos> d <sep>`` with a target digit d, the response is ``response_len``
 digits, and the gold reward is how many response digits equal d. The reference policy is a tiny Llama
-warmed up by supervised learning to babble uniform digits (it ignores d); preference pairs are two
-reference samples per prompt, the one with the larger gold reward chosen (ties dropped). DPO must teach
-the policy to read the prompt.
+warmed up by supervised learning on responses whose digits are d with probability warmup_target_prob
+(0.3; 1/n_digits would ignore d): somewhat on topic; preference pairs are two reference samples per
+prompt, the one with the larger gold reward chosen (ties dropped). DPO reweights what the reference can
+already sample: a reference that ignores d gave DPO nothing to amplify (see the README).
 
 Builds on: transformer (tiny Llama, generate with the KV cache), training (AdamW, warmup + cosine,
 global-norm clipping, the supervised train() loop).
@@ -264,8 +265,9 @@ def gold_reward(tokens: torch.Tensor, cfg: DPOConfig) -> torch.Tensor:
 
 
 def warm_up_batch(cfg: DPOConfig, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of the supervised warm-up: prompts followed by uniform random digits, the loss
-    on the response only (the warm-up teaches the format, not the preference)."""
+    """(inputs, targets) of the supervised warm-up: prompts followed by digits that are the prompt's d
+    with probability warmup_target_prob and uniform over the others otherwise, the loss on the response
+    only (the warm-up teaches the format and a little of the task, not the preference)."""
     prompts = make_prompts(cfg, batch_size, generator)
     answer = torch.randint(0, cfg.n_digits, (batch_size, cfg.response_len), generator=generator)
     other = (prompts[:, 1:2] + torch.randint(1, cfg.n_digits, answer.shape, generator=generator)) % cfg.n_digits
