@@ -66,3 +66,35 @@ def test_the_readme_smoke_example_lists_every_module_with_its_check_count():
     assert {name: int(n) for name, _, n in lines} == toy_checks
     n = len(audits)
     assert re.search(rf"^{n}/{n} modules pass in ", text, flags=re.M)
+
+
+def test_every_set_override_a_readme_suggests_is_accepted():
+    """`--set k=v` in a README (`llmaudit sweep reward_model --set lm_steps=0` once was) must be a key
+    of that module's config with a value its declared range accepts, in toy and full mode. The module
+    is the one named on the same line after `llmaudit audit|sweep`, else the README's own module(s)."""
+    import re
+
+    from llmaudit.config import ConfigError, apply_overrides
+
+    audits = {a.name: a for a in all_audits()}
+    problems, seen = [], 0
+    for readme in [ROOT / "README.md", *sorted((ROOT / "modules").glob("*/README.md"))]:
+        own = [n for n, a in audits.items() if a.config.__module__.split(".")[1:2] == [readme.parent.name]]
+        for line in readme.read_text(encoding="utf-8").splitlines():
+            named = re.findall(r"llmaudit (?:audit|sweep) (\w+)", line)
+            for key, value in re.findall(r"--set (\w+)=([^\s`)]+)", line):
+                if key == "key":  # the placeholder in the options list
+                    continue
+                seen += 1
+                candidates = [n for n in named if n in audits] or own
+                errors = []
+                for name in candidates:
+                    try:
+                        for mode in ("toy", "full"):
+                            apply_overrides(getattr(audits[name].config, mode)(), {key: value.rstrip(".,;")})
+                        break
+                    except ConfigError as exc:
+                        errors.append(f"{name}: {exc}")
+                else:
+                    problems.append(f"{readme.relative_to(ROOT)}: --set {key}={value}: {errors or 'no module'}")
+    assert seen >= 15 and problems == [], problems
