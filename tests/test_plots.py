@@ -142,6 +142,20 @@ def test_a_short_curve_is_drawn_as_measured_and_a_long_one_smoothed():
     assert raw == ys and bold != ys and marker in ("None", "", None)
 
 
+def test_integer_steps_get_integer_ticks():
+    """Twenty GRPO steps were labelled 0, 2.5, 5, 7.5 ...: an axis of whole steps shows whole numbers."""
+    result = fake_result(0, [Series("loss", list(range(20)), [float(i % 4) for i in range(20)], label="loss",
+                                    y_label="loss (nats)", smooth=False)])
+    (key, runs), = group_runs([result]).items()
+    fig = plot_figure(key, runs)
+    try:
+        fig.canvas.draw()
+        ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+        assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
+
+
 def test_categories_are_bars_named_in_words():
     results = [fake_result(s, [Series("variance/trace_cov", [0, 1, 2], [3.0 + s, 0.6, 0.5], smooth=False,
                                       label="gradient variance per estimator", y_label="tr Cov",

@@ -272,6 +272,12 @@ def plot_figure(key: str, runs: list[Run]):
         if len(units) != 2:
             ax.spines["right"].set_visible(False)
     axes[panels - 1].set_xlabel(first[0].x_label, fontsize=9)
+    steps = [v for _, ms in runs for s in ms if s.name in names and not s.ticks for v in s.x]
+    if steps and all(float(v).is_integer() for v in steps):  # steps, iterations, epochs: no "2.5" ticks
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, hs in handles.items():  # a lone curve of a lone seed is named by the title instead
         if len(hs) > 1 or panels > 1:
             ax.legend(handles=hs, labels=[h.get_label() for h in hs], fontsize=8, frameon=False)
