@@ -131,6 +131,25 @@ def test_numeric_item_graded_against_the_live_answer(home):
         store.close()
 
 
+def test_a_choice_takes_the_option_number_as_well_as_its_letter(home):
+    """The rating prompt just before asks for digits 1-4, so "2" for B is a natural answer: it counts."""
+    c = content()
+    item = next(i for i in c.items() if i.type == "choice" and len(i.choices) == 4)
+    for answer in ("B", "b", "2"):
+        shown: list[str] = []
+        store = Store(home / f"choice-{answer}.sqlite3")
+        Session(c, store, lang="en", show=shown.append, ask=lambda prompt, a=answer: a, seed=3, cram=True).run([item])
+        assert not any("type one of" in line for line in shown), shown
+        assert store.n_reviews() == 1
+        store.close()
+    shown = []
+    store = Store(home / "choice-5.sqlite3")
+    answers = iter(["5", "B"])
+    Session(c, store, lang="en", show=shown.append, ask=lambda prompt: next(answers), seed=3, cram=True).run([item])
+    assert any("type one of A, B, C, D" in line for line in shown)  # 5 of 4 options is refused
+    store.close()
+
+
 # --- sessions through the CLI ---------------------------------------------------------------------
 
 def test_scripted_session_records_answers_and_resumes(home):

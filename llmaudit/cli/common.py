@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Iterator
@@ -40,6 +41,108 @@ def out() -> Console:
 
 def err() -> Console:
     return Console(file=sys.stderr, highlight=False)
+
+
+# Line breaking for mixed Chinese and English prose. rich breaks only at spaces: a run of Chinese
+# between two spaces is one "word", so it is pushed whole to the next line (leaving a short line behind)
+# or cut at the width. Here a line may break between any two CJK characters too, but never before a
+# closing mark (，。）) or after an opening one (（「), as Chinese typesetting does.
+_CLOSING = set("，。、；：！？）」』”’》】〉…,.;:!?)]}%")
+_OPENING = set("（「『“‘《【〈([{")
+
+
+def _is_cjk(ch: str) -> bool:
+    o = ord(ch)
+    return (0x2E80 <= o <= 0x9FFF or 0xAC00 <= o <= 0xD7AF or 0xF900 <= o <= 0xFAFF or 0xFE30 <= o <= 0xFE4F
+            or 0xFF00 <= o <= 0xFFEF)
+
+
+def break_tokens(line: str) -> list[tuple[int, int]]:
+    """(start, end) of the pieces a line may not be broken inside, each with its trailing spaces: a
+    word of Latin letters, digits and symbols, or one CJK character, with the opening marks before it
+    and the closing marks after it."""
+    tokens, i, n = [], 0, len(line)
+    while i < n:
+        j = i
+        while j < n - 1 and line[j] in _OPENING:
+            j += 1
+        if _is_cjk(line[j]) or line[j].isspace():
+            j += 1
+        else:
+            while j < n and not line[j].isspace() and not _is_cjk(line[j]):
+                j += 1
+        while j < n and line[j] in _CLOSING:
+            j += 1
+        while j < n and line[j].isspace():
+            j += 1
+        tokens.append((i, j))
+        i = j
+    return tokens
+
+
+def wrap_offsets(line: str, width: int, hang: int = 0, fold: bool = True) -> list[int]:
+    """Where to break ``line`` (no newlines) so that every piece fits ``width`` cells, the pieces after
+    the first being indented by ``hang`` cells: greedy, at the break_tokens boundaries, a token wider
+    than a line cut at the width (``fold``) or left whole on a line of its own for the caller to crop."""
+    from rich.cells import cell_len, chop_cells
+
+    hang = hang if hang <= width // 2 else 0
+    breaks, used = [], 0
+    for start, end in break_tokens(line):
+        token = line[start:end]
+        need = cell_len(token.rstrip())
+        if used > (hang if breaks else 0) and used + need > width:
+            breaks.append(start)
+            used = hang
+        if fold and need > width - used:  # a URL or a formula longer than the line: cut it where the line ends
+            while cell_len(line[start:end].rstrip()) > width - used:
+                start += len(chop_cells(line[start:end], width - used)[0]) or 1
+                breaks.append(start)
+                used = hang
+            used += cell_len(line[start:end])
+        else:
+            used += cell_len(token)
+    return breaks
+
+
+_HANGING = re.compile(r"\s*(?:[A-Z]\.|\d+[.)]|[•·*-])\s+")  # "  B. ", "  • ": continuation lines align after it
+
+
+def print_wrapped(console: Console, markup: str) -> None:
+    """console.print(markup) with lines broken by wrap_offsets at the console's width (styles kept);
+    a list item's continuation lines are indented under its text."""
+    text = Text.from_markup(markup)
+    for line in text.split("\n", allow_blank=True):
+        marker = _HANGING.match(line.plain)
+        hang = len(marker.group(0)) if marker else 0
+        offsets = wrap_offsets(line.plain, console.width, hang)
+        pieces = line.divide(offsets) if line.plain else [line]
+        for i, piece in enumerate(pieces):
+            piece.rstrip()
+            if i and hang and hang <= console.width // 2:
+                piece = Text(" " * hang) + piece
+            console.print(piece, soft_wrap=True)
+
+
+def _break_chinese_in_rich() -> None:
+    """Make rich find its line breaks with wrap_offsets: tables, prompts and panels then break Chinese
+    between characters too. rich breaks at spaces only (its author in Textualize/rich#2494: "Rich isn't
+    aware of the rules regarding wrapping Chinese"); rich.text looks up divide_line at each wrap, so
+    replacing that one name is enough. tests/test_terminal.py checks it still takes effect."""
+    import rich.text
+
+    plain = getattr(rich.text, "divide_line", None)
+    if plain is None or getattr(plain, "breaks_chinese", False):
+        return
+
+    def divide_line(text: str, width: int, fold: bool = True) -> list[int]:
+        return wrap_offsets(text, width, fold=fold)
+
+    divide_line.breaks_chinese = True  # type: ignore[attr-defined]
+    rich.text.divide_line = divide_line
+
+
+_break_chinese_in_rich()
 
 
 def emit_json(schema: str, payload: dict[str, Any]) -> None:

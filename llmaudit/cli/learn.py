@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmaudit.cli.common import (DEFAULT_OUT, INTERRUPTED, EnvironmentProblem, JsonOpt, OutOpt, UsageError, emit_json,
-                                 err, errors, out, writable_dir)
+                                 err, errors, out, print_wrapped, writable_dir)
 
 app = typer.Typer()
 
@@ -90,9 +90,9 @@ def _run_session(queue, c, store, *, lang: str, cram: bool, days_left: int | Non
         else:
             console.print(f"[green]{msg}[/] · see [bold]llmaudit progress[/]")
         return
-    # rich wraps at spaces (and between CJK characters) to the terminal's width; soft_wrap would leave the
-    # wrapping to the terminal, which cuts words in half
-    show = (lambda text: err().print(text)) if json_mode else (lambda text: console.print(text))
+    # lines break at spaces and between Chinese characters, at the terminal's width (print_wrapped);
+    # soft_wrap would leave the wrapping to the terminal, which cuts words in half
+    show = (lambda text: print_wrapped(err(), text)) if json_mode else (lambda text: print_wrapped(console, text))
 
     def ask(prompt: str) -> str:
         (err() if json_mode else console).print(prompt, end="", markup=False, highlight=False)

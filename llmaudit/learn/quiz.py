@@ -167,6 +167,8 @@ class Session:
                 self.show(f"  {letter}. {self.t(item.choices[idx])}")
             while True:
                 got = self.ask(f"answer ({'/'.join(letters)}): ").upper()
+                if got.isdigit() and 1 <= int(got) <= len(letters):  # "2" for B: the ratings just asked for digits
+                    got = letters[int(got) - 1]
                 if len(got) == 1 and got in letters:
                     break
                 self.show(f"[yellow]type one of {', '.join(letters)}[/]")
