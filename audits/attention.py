@@ -131,6 +131,25 @@ def flash_matches_reference(ctx, cfg, g, cases, flash_attention_forward):
     return measure(errors, f"{len(cases)} cases, {_ragged(cases)} with a ragged last block")
 
 
+@attention.check("< 1e-3", hint="subtract each row's max before exp (torch.softmax does); in float32 exp(89) is "
+                                "already inf. The tiled forward gets this from its running max m.")
+def softmax_is_stable_for_large_scores(g, scaled_dot_product_attention, flash_attention_forward):
+    """Scores of several hundred (large activations, no QK-norm) are routine in float32: exp overflows
+    past 88.7, so exp(s) / sum exp(s) is inf / inf = NaN. Subtracting the row max first gives the same
+    softmax, every exponent <= 0. Both kernels, with and without a causal mask, against float64."""
+    errors, biggest = [], 0.0
+    for causal in (False, True):
+        q, k = (10.0 * torch.randn(2, 1, 2, 24, 8, generator=g)).unbind(0)  # float32: |scores| up to ~500
+        v = torch.randn(1, 2, 24, 8, generator=g)
+        mask = torch.ones(24, 24, dtype=torch.bool).tril() if causal else None
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+        biggest = max(biggest, (q @ k.transpose(-2, -1)).abs().max().item() / math.sqrt(8))
+        for out in (scaled_dot_product_attention(q, k, v, mask),
+                    flash_attention_forward(q, k, v, causal=causal, block_q=5, block_k=7)):
+            errors.append(max_error(out, want))
+    return measure(errors, f"float32, |score| up to {biggest:.0f}")
+
+
 @attention.check({"row_sum_error": "< tol", "min_weight": ">= 0"},
                  hint="softmax over dim=-1 (keys), not dim=-2; the tiled forward must divide by l at the end.")
 def attention_rows_sum_to_one(cfg, g, cases, scaled_dot_product_attention, flash_attention_forward):

@@ -103,6 +103,21 @@ def dpo_and_cdpo_match_reference_vectors(dpo_loss):
     return measure(errors, f"sigmoid {sig.item():.7f}, cDPO {cdpo.item():.7f}")
 
 
+@dpo.check("< 1e-3", hint="F.logsigmoid(beta h) (or -F.softplus(-beta h)), never torch.log(torch.sigmoid(beta h)): "
+                         "sigmoid(-200) is 0 in float32.")
+def loss_is_finite_for_confident_pairs(dpo_loss):
+    """-log sigma(beta h) = softplus(-beta h) must be computed stably. In float32 a pair ranked wrongly at
+    beta h = -200 costs 200 (cDPO with eps 0.1: 180), and one ranked rightly costs 0 (cDPO: 20).
+    log(sigmoid(.)) underflows to -inf there, and one such pair makes the mean loss of a batch inf."""
+    far = torch.tensor([1000.0])  # float32 log-ratios; beta 0.1, h = +-2000
+    zero = torch.zeros(1)
+    cases = [(-far, far, 0.0, 200.0), (-far, far, VEC_EPS, 180.0), (far, -far, 0.0, 0.0), (far, -far, VEC_EPS, 20.0)]
+    losses = [dpo_loss(c, r, zero, zero, VEC_BETA, loss_type="sigmoid", label_smoothing=eps)[0] for c, r, eps, _ in cases]
+    return measure([max_error(loss, torch.tensor([want])) for loss, (_, _, _, want) in zip(losses, cases)],
+                   "beta h = -200: " + ", ".join(f"{float(x):.6g}" for x in losses[:2])
+                   + "; +200: " + ", ".join(f"{float(x) + 0.0:.3g}" for x in losses[2:]))
+
+
 @dpo.check(f"< {GRAD_TOL}", hint="use per-pair losses and logsigmoid; a hinge or a missing beta changes the weight.")
 def gradient_weight_is_sigmoid_of_reward_gap(dpo_loss, cfg, g):
     """Each pair pushes chosen up and rejected down with weight beta sigma(r_hat_rejected - r_hat_chosen):

@@ -360,6 +360,13 @@ def beta_outside(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0)
     return -F.logsigmoid(h), beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
+def log_of_sigmoid(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0):
+    h = (pc - rc) - (pr - rr)
+    losses = -(1 - label_smoothing) * torch.log(torch.sigmoid(beta * h)) \
+        - label_smoothing * torch.log(torch.sigmoid(-beta * h))
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
 def not_detached(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0):
     losses, _, _ = M.dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
     return losses, beta * (pc - rc), beta * (pr - rr)
@@ -417,6 +424,7 @@ MUTANTS = [
     Mutant("loss_is_ln2_and_rewards_zero_at_reference", "policy not a copy of the reference",
            patch=lambda: mock.patch.object(M, "policy_from_reference", policy_not_copied)),
     Mutant("dpo_and_cdpo_match_reference_vectors", "smoothing on one side", {"dpo_loss": smoothing_on_one_side}),
+    Mutant("loss_is_finite_for_confident_pairs", "log of sigmoid", {"dpo_loss": log_of_sigmoid}),
     Mutant("gradient_weight_is_sigmoid_of_reward_gap", "beta outside the sigmoid", {"dpo_loss": beta_outside}),
     Mutant("implicit_rewards_are_detached", "rewards with a graph", {"dpo_loss": not_detached}),
     Mutant("ipo_matches_reference_vectors", "IPO in reward units", {"dpo_loss": ipo_scaled_wrong}),
